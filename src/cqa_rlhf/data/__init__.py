@@ -1,0 +1,1 @@
+"""Raw community-QA sources, text cleaning and the prepared tables."""

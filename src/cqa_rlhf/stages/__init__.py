@@ -1,0 +1,1 @@
+"""Thin stage entry points: load params -> build -> run -> save -> write metrics."""

@@ -1,0 +1,49 @@
+"""Shared fixtures: the real dumps in ../shared, and running stage CLIs as DVC would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_SE = ROOT.parent / "shared" / "data" / "stackexchange"
+SITES = {
+    "beer": SHARED_SE / "beer.stackexchange.com",
+    "matheducators": SHARED_SE / "matheducators.stackexchange.com",
+    "dsmeta": SHARED_SE / "datascience.meta.stackexchange.com",
+}
+
+
+@pytest.fixture(scope="session")
+def real_site():
+    """Path of a real dump in ../shared (tests needing it fail loudly if it is absent)."""
+
+    def get(name: str) -> Path:
+        path = SITES[name]
+        assert (path / "Posts.xml").is_file(), f"missing real dump {path}: ../shared must sit beside the repo"
+        return path
+
+    return get
+
+
+def stage_env() -> dict[str, str]:
+    """Environment in which `python` and `dvc` are this interpreter's (the project venv)."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def run_stage(module: str, params: dict, tmp_path: Path, name: str = "params.yaml") -> subprocess.CompletedProcess:
+    """Run ``python -m cqa_rlhf.stages.<module> --params <file>`` with ``params`` written to a file."""
+    pfile = tmp_path / name
+    pfile.write_text(yaml.safe_dump(params), encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, "-m", f"cqa_rlhf.stages.{module}", "--params", str(pfile)],
+        capture_output=True, text=True, cwd=tmp_path, env=stage_env(), timeout=600,
+    )
