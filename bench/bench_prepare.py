@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from cqa_rlhf.data.prepare import read_table
+from cqa_rlhf.data.tables import read_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "stackexchange"

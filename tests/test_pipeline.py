@@ -13,7 +13,8 @@ import yaml
 
 from conftest import ROOT, SITES, stage_env
 
-STAGE_MODULES = {"synth": "cqa_rlhf.stages.synth", "data": "cqa_rlhf.stages.data"}
+STAGE_MODULES = {s: f"cqa_rlhf.stages.{s}" for s in ("synth", "data", "tokenizer", "sft")}
+ALL = {"synth", "data", "tokenizer", "sft"}
 
 
 def _declared_src_deps(stage: str) -> set[str]:
@@ -61,6 +62,10 @@ def repo(tmp_path):
     shutil.copytree(ROOT / "src", r / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = yaml.safe_load((r / "params.yaml").read_text())
     params["synth"]["n_questions"] = 300
+    params["model"]["config"] = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
+                                 "max_position_embeddings": 128, "attention_types": [[["global", "local"], 1]]}
+    params["tokenizer"]["vocab_size"] = 400
+    params["sft"].update(max_steps=10, val_check_interval=5, max_length=96, sample={"n": 4, "max_new_tokens": 16})
     (r / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], r)
     _run(["git", "config", "user.email", "t@example.com"], r)
@@ -74,7 +79,7 @@ def repo(tmp_path):
 
 @pytest.mark.slow
 def test_repro_noop_and_selective_reruns(repo):
-    assert _ran(_dvc("repro", cwd=repo)) == {"synth", "data"}
+    assert _ran(_dvc("repro", cwd=repo)) == ALL
     metrics = json.loads((repo / "metrics/data.json").read_text())
     assert metrics["input"]["questions"] == 300 and metrics["train"]["pairs"] > 0
     assert (repo / "data/prepared/train/sft/part-00000.parquet").is_file()
@@ -82,22 +87,28 @@ def test_repro_noop_and_selective_reruns(repo):
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "run"], repo)
 
-    # A data param reruns data only; a synth param reruns both.
+    # A pairs param changes only the pairs tables: data reruns, nothing that reads other tables.
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["pairs"]["min_score_gap"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _ran(_dvc("repro", cwd=repo)) == {"data"}
-    params["synth"]["seed"] = 99
+    params["sft"]["lr"] = 0.002  # an sft param reruns sft alone
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_dvc("repro", cwd=repo)) == {"synth", "data"}
+    assert _ran(_dvc("repro", cwd=repo)) == {"sft"}
+    params["synth"]["seed"] = 99  # new raw data: everything downstream
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_dvc("repro", cwd=repo)) == ALL
 
     # Editing a module reruns exactly the stages that import it.
     with open(repo / "src/cqa_rlhf/data/json_source.py", "a") as f:
         f.write("\n# touched\n")
     assert _ran(_dvc("repro", cwd=repo)) == {"data"}
+    with open(repo / "src/cqa_rlhf/training.py", "a") as f:
+        f.write("\n# touched\n")
+    assert _ran(_dvc("repro", cwd=repo)) == {"sft"}
     with open(repo / "src/cqa_rlhf/config.py", "a") as f:
         f.write("\n# touched\n")
-    assert _ran(_dvc("repro", cwd=repo)) == {"synth", "data"}
+    assert _ran(_dvc("repro", cwd=repo)) == ALL
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from cqa_rlhf.config import DataConfig, Filters, PairsConfig, ScoreScaling, SplitRatios
-from cqa_rlhf.data.prepare import SPLITS, TABLES, normalize_scores, prepare, read_table, scale_score, split_of
+from cqa_rlhf.data.prepare import normalize_scores, prepare, scale_score, split_of
+from cqa_rlhf.data.tables import SPLITS, TABLES, read_table
 from cqa_rlhf.errors import DataError
 
 from helpers import a, q, write_posts
@@ -231,6 +232,7 @@ def test_read_table_missing(tmp_path):
 
 
 def test_row_to_table_types():
-    from cqa_rlhf.data.prepare import OUT_SCHEMAS, rows_to_table
+    from cqa_rlhf.data.prepare import rows_to_table
+    from cqa_rlhf.data.tables import OUT_SCHEMAS
     tab = rows_to_table([(1, "q")], OUT_SCHEMAS["prompts"])
     assert tab.schema == OUT_SCHEMAS["prompts"] and isinstance(tab, pa.Table)

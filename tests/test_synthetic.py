@@ -6,7 +6,8 @@ import pytest
 
 from cqa_rlhf.config import DataConfig, SynthConfig
 from cqa_rlhf.data.html import html_to_text
-from cqa_rlhf.data.prepare import SPLITS, prepare, read_table
+from cqa_rlhf.data.prepare import prepare
+from cqa_rlhf.data.tables import SPLITS, read_table
 from cqa_rlhf.data.synthetic import (
     gold,
     gold_components,

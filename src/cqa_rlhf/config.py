@@ -171,3 +171,131 @@ def parse_section(data: dict, section: str, model: type[C], path: str | Path = "
 def load_section(path: str | Path, section: str, model: type[C]) -> C:
     """Read one section of a params file into its typed config."""
     return parse_section(read_params(path), section, model, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared sections: prompt, model, tokenizer, trainer
+# --------------------------------------------------------------------------------------------
+class PromptConfig(Section):
+    """The one prompt template of every stage; ``{question}`` appears exactly once."""
+
+    template: str = "Question: {question}\nAnswer:"
+
+    @model_validator(mode="after")
+    def _one_placeholder(self) -> PromptConfig:
+        if self.template.count("{question}") != 1:
+            raise ValueError("template must contain {question} exactly once")
+        return self
+
+
+class ModelConfig(Section):
+    """A pretrained GPT-Neo (``name``: hub id or local ``save_pretrained`` directory) or a fresh
+    one built from ``config`` (GPTNeoConfig fields) for the offline default."""
+
+    name: str | None = None
+    config: dict[str, int | float | str | bool | list] = Field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded
+
+
+class TokenizerConfig(Section):
+    out: str = "models/tokenizer"
+    vocab_size: int = Field(2048, ge=260)  # byte-level BPE: 256 bytes + specials + merges
+    min_frequency: int = Field(2, ge=1)
+    eos_token: str = "<|endoftext|>"
+    pad_token: str = "<|pad|>"  # distinct from EOS (TRL #1623, #734)
+
+
+class TrainerConfig(Section):
+    """Lightning ``Trainer`` settings shared by every training stage (a stage may override)."""
+
+    accelerator: str = "cpu"
+    devices: int | str | list[int] = 1
+    strategy: str = "auto"
+    num_nodes: int = Field(1, ge=1)
+    precision: str = "32-true"
+    deterministic: bool = True
+    log_every_n_steps: int = Field(20, ge=1)  # DVCLive costs ~7 ms a call: keep it >= 20
+
+
+class TrainerOverride(Section):
+    """A stage's own ``trainer:`` subsection: set keys replace the shared section's."""
+
+    accelerator: str | None = None
+    devices: int | str | list[int] | None = None
+    strategy: str | None = None
+    num_nodes: int | None = Field(None, ge=1)
+    precision: str | None = None
+    deterministic: bool | None = None
+    log_every_n_steps: int | None = Field(None, ge=1)
+
+    def apply(self, base: TrainerConfig) -> TrainerConfig:
+        return base.model_copy(update={k: v for k, v in self.model_dump().items() if v is not None})
+
+
+class FreezeConfig(Section):
+    """The original project's freeze options. A parameter is frozen when its category's flag is
+    set, unless it belongs to a block listed in ``layers_not_to_freeze`` (negative = from the end).
+    Categories: emb (token/position embeddings), ln (LayerNorms), attn, ff (MLP), other (heads…)."""
+
+    freeze_emb: bool = False
+    freeze_ln: bool = False
+    freeze_attn: bool = False
+    freeze_ff: bool = False
+    freeze_other: bool = False
+    layers_not_to_freeze: list[int] = Field(default_factory=list)
+
+
+class EarlyStopConfig(Section):
+    enabled: bool = False
+    patience: int = Field(3, ge=1)  # validation checks without improvement
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+class TrainConfig(Section):
+    """What the shared training harness needs; SFT and the reward models extend it."""
+
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(32, ge=1)
+    max_length: int = Field(256, ge=8)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)  # never on biases and LayerNorms
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
+    warmup_frac: float = Field(0.05, ge=0.0, le=1.0)  # linear warmup, then linear decay to 0
+    max_epochs: int = Field(-1, ge=-1)  # -1: bounded by max_steps
+    max_steps: int = Field(-1, ge=-1)  # optimizer steps; -1: bounded by max_epochs
+    val_check_interval: int = Field(100, ge=1)  # training batches between validations
+    limit_val_batches: int | float = 1.0
+    accumulate_grad_batches: int = Field(1, ge=1)
+    gradient_clip_val: float = Field(1.0, ge=0.0)  # 0: off
+    monitor: str = "val_loss"  # the metric that picks the best checkpoint
+    monitor_mode: Literal["min", "max"] = "min"
+    early_stopping: EarlyStopConfig = EarlyStopConfig()
+    freeze: FreezeConfig = FreezeConfig()
+    trainer: TrainerOverride = TrainerOverride()  # this stage's changes to the shared `trainer`
+
+    @model_validator(mode="after")
+    def _bounded(self) -> TrainConfig:
+        if self.max_epochs == -1 and self.max_steps == -1:
+            raise ValueError("set max_epochs or max_steps")
+        return self
+
+
+class SampleConfig(Section):
+    """Sampling for generations (KV cache, stops at EOS). top_k 0 and top_p 1 keep log-probs exact."""
+
+    n: int = Field(32, ge=0)
+    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    batch_size: int = Field(16, ge=1)
+
+
+class SFTConfig(TrainConfig):
+    data: str = "data/prepared"
+    out: str = "models/sft"
+    metrics: str = "metrics/sft.json"
+    live_dir: str = "dvclive/sft"
+    checkpoint_dir: str = "checkpoints/sft"
+    sample: SampleConfig = SampleConfig()

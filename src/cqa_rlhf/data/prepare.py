@@ -17,7 +17,6 @@ answers never appear in two splits and the split of a question never depends on 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import multiprocessing as mp
 import multiprocessing.pool
@@ -45,12 +44,13 @@ from cqa_rlhf.data.stackexchange import (
     plan_ranges,
     resolve_dump,
 )
+from cqa_rlhf.data.tables import OUT_SCHEMAS, SPLITS, TABLES, part_name
 from cqa_rlhf.errors import ConfigError, DataError
+from cqa_rlhf.io import replace_dir
 
-SPLITS = ("train", "val", "test")
-TABLES = ("sft", "reward", "pairs", "prompts")
 _TWO64 = float(2**64)
 
+# Pass-1 spill records (scratch files, not outputs).
 Q_SCHEMA = pa.schema(
     [
         ("key", pa.uint64()),
@@ -69,42 +69,6 @@ A_SCHEMA = pa.schema(
         ("votes", pa.float64()),
     ]
 )
-OUT_SCHEMAS = {
-    "sft": pa.schema(
-        [
-            ("question_id", pa.int64()),
-            ("question", pa.string()),
-            ("answer_id", pa.int64()),
-            ("answer", pa.string()),
-            ("source", pa.string()),  # "accepted" or "top_score"
-        ]
-    ),
-    "reward": pa.schema(
-        [
-            ("question_id", pa.int64()),
-            ("question", pa.string()),
-            ("answer_id", pa.int64()),
-            ("answer", pa.string()),
-            ("votes", pa.float64()),  # raw Score attribute
-            ("score", pa.float64()),  # votes scaled as data.score says
-            ("accepted", pa.bool_()),
-        ]
-    ),
-    "pairs": pa.schema(
-        [
-            ("question_id", pa.int64()),
-            ("question", pa.string()),
-            ("chosen_id", pa.int64()),
-            ("chosen", pa.string()),
-            ("rejected_id", pa.int64()),
-            ("rejected", pa.string()),
-            ("margin", pa.float64()),  # scaled score gap, >= 0 (0 when scores are unknown)
-            ("source", pa.string()),  # "accepted" or "score"
-        ]
-    ),
-    "prompts": pa.schema([("question_id", pa.int64()), ("question", pa.string())]),
-}
-
 
 # Arrow's default jemalloc pool keeps freed memory cached where the budget cannot see it; the
 # system allocator gives it back at the same speed (bench/RESULTS.md). Arrow reads this variable
@@ -423,18 +387,6 @@ def _build_task(task: tuple) -> BuildStats:
     return stats
 
 
-def part_name(shard: int) -> str:
-    return f"part-{shard:05d}.parquet"
-
-
-def read_table(path: str | Path) -> pa.Table:
-    """Read one prepared table (a directory of parts) in its canonical row order."""
-    parts = sorted(Path(path).glob("part-*.parquet"))
-    if not parts:
-        raise DataError(f"{path}: no prepared table here (run the data stage)")
-    return pa.concat_tables([pq.read_table(p) for p in parts])
-
-
 def build_shard(q: dict, a: dict, cfg: DataConfig, stats: BuildStats) -> dict[str, dict[str, list[tuple]]]:
     """Turn one shard's questions and answers (column lists sorted by key, question id[, answer
     id]) into the four tables' rows, per split. A merge-join: both inputs are in the same order."""
@@ -644,7 +596,7 @@ def prepare(cfg: DataConfig) -> PrepareResult:
         metrics = _metrics(ingest, stats, n_shards)
         if not any(stats.counts[s]["prompts"] for s in SPLITS):
             raise DataError(f"{cfg.source}: no question survived the filters; nothing to prepare")
-        _replace_dir(tmp_out, out)
+        replace_dir(tmp_out, out)
         return PrepareResult(metrics=metrics, out=out)
     except BaseException:
         shutil.rmtree(tmp_out, ignore_errors=True)
@@ -654,15 +606,6 @@ def prepare(cfg: DataConfig) -> PrepareResult:
             pool.terminate()
             pool.join()
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Swap ``src`` into ``dst``; the previous ``dst`` stays until the new one is in place."""
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _metrics(ingest: IngestStats, stats: BuildStats, n_shards: int) -> dict:
@@ -689,11 +632,3 @@ def _metrics(ingest: IngestStats, stats: BuildStats, n_shards: int) -> dict:
             "filtered_answers": stats.filtered_answers,
         },
     }
-
-
-def write_json_atomic(path: str | Path, obj: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -10,8 +10,9 @@ import time
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 from cqa_rlhf.config import DataConfig, load_section  # noqa: E402
-from cqa_rlhf.data.prepare import prepare, write_json_atomic  # noqa: E402
+from cqa_rlhf.data.prepare import prepare  # noqa: E402
 from cqa_rlhf.errors import cli  # noqa: E402
+from cqa_rlhf.io import write_json_atomic  # noqa: E402
 from cqa_rlhf.stages.common import stage_args  # noqa: E402
 
 

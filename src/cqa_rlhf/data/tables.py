@@ -1,0 +1,65 @@
+"""The prepared tables' layout: splits, tables, schemas and the one reader.
+
+Kept apart from the ingestion code so training stages that read tables don't depend on (and
+are not rerun for changes to) HTML cleaning or dump parsing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cqa_rlhf.errors import DataError
+
+SPLITS = ("train", "val", "test")
+TABLES = ("sft", "reward", "pairs", "prompts")
+
+OUT_SCHEMAS = {
+    "sft": pa.schema(
+        [
+            ("question_id", pa.int64()),
+            ("question", pa.string()),
+            ("answer_id", pa.int64()),
+            ("answer", pa.string()),
+            ("source", pa.string()),  # "accepted" or "top_score"
+        ]
+    ),
+    "reward": pa.schema(
+        [
+            ("question_id", pa.int64()),
+            ("question", pa.string()),
+            ("answer_id", pa.int64()),
+            ("answer", pa.string()),
+            ("votes", pa.float64()),  # raw Score attribute
+            ("score", pa.float64()),  # votes scaled as data.score says
+            ("accepted", pa.bool_()),
+        ]
+    ),
+    "pairs": pa.schema(
+        [
+            ("question_id", pa.int64()),
+            ("question", pa.string()),
+            ("chosen_id", pa.int64()),
+            ("chosen", pa.string()),
+            ("rejected_id", pa.int64()),
+            ("rejected", pa.string()),
+            ("margin", pa.float64()),  # scaled score gap, >= 0 (0 when scores are unknown)
+            ("source", pa.string()),  # "accepted" or "score"
+        ]
+    ),
+    "prompts": pa.schema([("question_id", pa.int64()), ("question", pa.string())]),
+}
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
+
+
+def read_table(path: str | Path) -> pa.Table:
+    """Read one prepared table (a directory of parts) in its canonical row order."""
+    parts = sorted(Path(path).glob("part-*.parquet"))
+    if not parts:
+        raise DataError(f"{path}: no prepared table here (run the data stage)")
+    return pa.concat_tables([pq.read_table(p) for p in parts])

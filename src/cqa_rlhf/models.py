@@ -1,0 +1,98 @@
+"""The model factory: every stage gets its GPT-Neo variant here and nowhere else.
+
+Variants: ``causal`` (policy / SFT), ``reward`` (sequence classification, one scalar, read at
+the last real token) and ``value`` (a causal LM plus a scalar value head for PPO). Weights come
+from ``init_from`` (an exported stage directory), else ``model.name`` (hub id or local
+``save_pretrained`` directory), else a fresh GPT-Neo built from ``model.config``. Loading is
+safetensors-only and never runs remote code.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
+    GPTNeoForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from cqa_rlhf.config import ModelConfig
+
+Kind = Literal["causal", "reward", "value"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def fresh_config(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GPTNeoConfig:
+    return GPTNeoConfig(
+        **{"vocab_size": len(tokenizer), **model.config},
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _tie_to_tokenizer(m: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Embeddings cover the tokenizer (a pretrained tokenizer may have gained a pad token), and
+    the config names the pad/EOS ids, so padded batches and generation stop correctly."""
+    if m.get_input_embeddings().num_embeddings < len(tokenizer):
+        m.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    m.config.pad_token_id = tokenizer.pad_token_id
+    m.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(m, "generation_config", None) is not None:
+        m.generation_config.pad_token_id = tokenizer.pad_token_id
+        m.generation_config.eos_token_id = tokenizer.eos_token_id
+    return m
+
+
+def build_model(model: ModelConfig, tokenizer: PreTrainedTokenizerBase, kind: Kind,
+                init_from: str | Path | None = None) -> nn.Module:
+    source = str(init_from) if init_from is not None else model.name
+    dtype = _DTYPES[model.dtype]
+    if kind in ("causal", "value"):
+        if source is not None:
+            lm = GPTNeoForCausalLM.from_pretrained(source, use_safetensors=True, dtype=dtype,
+                                                   trust_remote_code=False)
+        else:
+            lm = GPTNeoForCausalLM(fresh_config(model, tokenizer)).to(dtype)
+        lm = _tie_to_tokenizer(lm, tokenizer)
+        return lm if kind == "causal" else CausalLMWithValueHead(lm)
+    new_head = True
+    if source is not None:
+        rm, info = GPTNeoForSequenceClassification.from_pretrained(
+            source, num_labels=1, use_safetensors=True, dtype=dtype, trust_remote_code=False,
+            output_loading_info=True)
+        new_head = any(k.startswith("score.") for k in info["missing_keys"])
+    else:
+        config = fresh_config(model, tokenizer)
+        config.num_labels = 1
+        rm = GPTNeoForSequenceClassification(config).to(dtype)
+    rm = _tie_to_tokenizer(rm, tokenizer)
+    if new_head:  # N(0, 1/sqrt(d+1)) as in the RLHF literature (NID #15), not the LM's init
+        nn.init.normal_(rm.score.weight, std=1 / math.sqrt(rm.config.hidden_size + 1))
+    return rm
+
+
+class CausalLMWithValueHead(nn.Module):
+    """A causal LM with a scalar value head on its last hidden state (head initialised to 0,
+    so the critic starts neutral). ``forward`` returns logits ``[B, T, V]`` and values ``[B, T]``."""
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        super().__init__()
+        self.lm = lm
+        self.v_head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.zeros_(self.v_head.weight)
+        nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      output_hidden_states=True)
+        values = self.v_head(out.hidden_states[-1]).squeeze(-1)
+        return out.logits, values

@@ -1,0 +1,81 @@
+"""The one prompt template and the one way to turn (question, answer) into model inputs.
+
+Every stage (SFT, reward models, PPO, evaluation, the answer command) builds its inputs here,
+so the template, the EOS handling and the truncation policy cannot drift between stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from cqa_rlhf.config import PromptConfig
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on the prompt; the answer (and its EOS) otherwise
+    prompt_len: int  # tokens before the answer starts
+    truncated_answer: bool
+
+
+class PromptFormatter:
+    """Formats prompts and encodes (question, answer) pairs with a fixed truncation policy.
+
+    The template is split around ``{question}`` into a prefix and a suffix that are tokenized
+    apart from the question: a byte-level BPE splits words at spaces, so the pieces tokenize as
+    the whole prompt does (tests check this), and the question can be cut without touching the
+    template. Truncation to ``max_length`` cuts the end of the question first (the title comes
+    first and is kept), then, only if the answer alone does not fit, the end of the answer,
+    which then gets no EOS: a cut answer must not teach the model to stop mid-sentence.
+    """
+
+    def __init__(self, cfg: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.template = cfg.template
+        self.prefix, self.suffix = cfg.template.split("{question}")
+        self.tok = tokenizer
+        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+            raise ValueError("tokenizer needs an EOS and a pad token")
+        if tokenizer.pad_token_id == tokenizer.eos_token_id:
+            raise ValueError("pad token must differ from EOS (a padded EOS hides the real one)")
+        self._prefix_ids = self._ids(self.prefix)
+        self._suffix_ids = self._ids(self.suffix)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def prompt(self, question: str) -> str:
+        return self.template.format(question=question)
+
+    def answer_text(self, answer: str) -> str:
+        """What follows the prompt: one space, then the answer (the template ends at 'Answer:')."""
+        return " " + answer.strip()
+
+    def encode_prompt(self, question: str, max_prompt_len: int) -> list[int]:
+        """Prompt ids for generation, the question cut from its end to fit ``max_prompt_len``."""
+        q = self._ids(question)
+        room = max(0, max_prompt_len - len(self._prefix_ids) - len(self._suffix_ids))
+        return self._prefix_ids + q[:room] + self._suffix_ids
+
+    def encode(self, question: str, answer: str, max_length: int) -> Encoded:
+        """Prompt + answer + EOS within ``max_length``; labels mask the prompt."""
+        fixed = len(self._prefix_ids) + len(self._suffix_ids)
+        a = self._ids(self.answer_text(answer)) + [self.tok.eos_token_id]
+        q = self._ids(question)
+        truncated = False
+        if fixed + len(q) + len(a) > max_length:
+            q = q[: max(0, max_length - fixed - len(a))]
+            if fixed + len(q) + len(a) > max_length:
+                a = a[: max(1, max_length - fixed - len(q))]  # the cut drops the EOS at the end
+                truncated = True
+        prompt = self._prefix_ids + q + self._suffix_ids
+        return Encoded(
+            input_ids=prompt + a,
+            labels=[IGNORE_INDEX] * len(prompt) + a,
+            prompt_len=len(prompt),
+            truncated_answer=truncated,
+        )

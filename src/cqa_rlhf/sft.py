@@ -1,0 +1,86 @@
+"""Supervised fine-tuning: the dataset, the LightningModule and the token-level evaluator."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel
+
+from cqa_rlhf.batches import CausalLMCollator, LengthGroupedBatchSampler, ListDataset
+from cqa_rlhf.config import TrainConfig
+from cqa_rlhf.prompts import IGNORE_INDEX, PromptFormatter
+from cqa_rlhf.training import HarnessModule
+
+
+def encode_sft(rows: list[dict], fmt: PromptFormatter, max_length: int) -> list[dict]:
+    """Rows of the ``sft`` table to ``{input_ids, labels}`` items (loss on answer tokens only)."""
+    items = []
+    for r in rows:
+        e = fmt.encode(r["question"], r["answer"], max_length)
+        items.append({"input_ids": e.input_ids, "labels": e.labels})
+    return items
+
+
+def token_loss_sums(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over labelled tokens, and their count (exact token-level
+    means across batches of any shape)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()  # [B, T-1, V] predicts tokens 1..T-1
+    labels = batch["labels"][:, 1:]  # [B, T-1]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()
+
+
+def eval_loader(items: list[dict], batch_size: int, pad_token_id: int) -> DataLoader:
+    sampler = LengthGroupedBatchSampler([len(x["input_ids"]) for x in items], batch_size, seed=0, shuffle=False)
+    return DataLoader(ListDataset(items), batch_sampler=sampler, collate_fn=CausalLMCollator(pad_token_id))
+
+
+@torch.no_grad()
+def evaluate_loss(model: PreTrainedModel, loader: DataLoader) -> dict[str, float]:
+    """Token-level validation loss and perplexity of ``model`` (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for batch in loader:
+        s, n = token_loss_sums(model, batch)
+        total += s.double()
+        count += int(n)
+    model.train(was_training)
+    loss = float(total / max(count, 1))
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+class SFTModule(HarnessModule):
+    """Causal-LM fine-tuning on answer tokens; logs ``train_loss``, ``val_loss``, ``val_perplexity``."""
+
+    def __init__(self, model: PreTrainedModel, train: TrainConfig, fingerprint: str) -> None:
+        super().__init__(model, train, fingerprint)
+        self._val_sum = torch.zeros((), dtype=torch.float64)
+        self._val_count = torch.zeros((), dtype=torch.float64)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        s, n = token_loss_sums(self.model, batch)
+        loss = s / n.clamp(min=1)
+        self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_count = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        s, n = token_loss_sums(self.model, batch)
+        self._val_sum += s.double()
+        self._val_count += n.double()
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
+        loss = (total / count.clamp(min=1)).float()
+        self.log("val_loss", loss, sync_dist=False)
+        self.log("val_perplexity", torch.exp(loss.clamp(max=50.0)), sync_dist=False)
