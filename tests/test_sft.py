@@ -272,3 +272,25 @@ def test_trim_live_curves(tmp_path):
     f.write_text("step\tloss\n4\t2.0\n9\t1.5\n14\t1.2\n1")  # a half-written last line
     trim_live_curves(tmp_path, 10)
     assert f.read_text() == "step\tloss\n4\t2.0\n9\t1.5\n"
+
+
+def test_sft_stage_trains_a_pretrained_gpt_neo_named_in_params(tmp_path, prepared, tok):
+    """`model.name` = a local save_pretrained directory: the same code path as a hub id."""
+    neo = tmp_path / "neo"
+    base = AutoTokenizer.from_pretrained(tok.name_or_path)
+    base.pad_token = base.eos_token  # GPT-Neo's own tokenizer has no separate pad token
+    base.save_pretrained(neo)
+    GPTNeoForCausalLM(GPTNeoConfig(vocab_size=len(tok) - 1, **TINY_MODEL)).save_pretrained(neo)
+    params = tiny_params(prepared, max_steps=10, out=str(tmp_path / "sft"), metrics=str(tmp_path / "sft.json"),
+                         live_dir=str(tmp_path / "live"), checkpoint_dir=str(tmp_path / "ckpt"))
+    params["model"] = {"name": str(neo)}
+    params["tokenizer"]["out"] = str(tmp_path / "tok")
+    for stage in ("tokenizer", "sft"):
+        proc = run_stage(stage, params, tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    t = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert t.pad_token == "<|pad|>" and t.pad_token_id != t.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
+    assert model.get_input_embeddings().num_embeddings >= len(t)  # resized for the added pad token
+    m = json.loads((tmp_path / "sft.json").read_text())
+    assert m["val_perplexity"] < m["untrained_val_perplexity"]
