@@ -13,8 +13,8 @@ STALE = {"modified", "new", "not in cache"}
 
 
 def _dep_set_changes() -> list[str]:
-    """Deps added to or removed from dvc.yaml since the lock was written. `dvc status` misses a
-    removed dep (the stage still looks unchanged), so compare the resolved dvc.yaml with the lock."""
+    """Deps or outs added to or removed from dvc.yaml since the lock was written. `dvc status`
+    misses a removed one (the stage still looks unchanged), so compare dvc.yaml with the lock."""
     import yaml
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
@@ -25,10 +25,12 @@ def _dep_set_changes() -> list[str]:
         for stage in repo.index.stages:
             if stage.name not in lock:
                 continue
-            declared = {str(d.def_path) for d in stage.deps if not isinstance(d, ParamsDependency)}
-            locked = {d["path"] for d in lock[stage.name].get("deps", [])}
-            for path in sorted(declared ^ locked):
-                out.append(f"{stage.name}: dep {path} {'added to' if path in declared else 'removed from'} dvc.yaml")
+            for kind, declared_items, key in (("dep", stage.deps, "deps"), ("out", stage.outs, "outs")):
+                declared = {str(d.def_path) for d in declared_items if not isinstance(d, ParamsDependency)}
+                locked = {d["path"] for d in lock[stage.name].get(key, [])}
+                for path in sorted(declared ^ locked):
+                    change = "added to" if path in declared else "removed from"
+                    out.append(f"{stage.name}: {kind} {path} {change} dvc.yaml")
     return out
 
 
