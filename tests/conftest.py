@@ -39,11 +39,24 @@ def stage_env() -> dict[str, str]:
     return env
 
 
-def run_stage(module: str, params: dict, tmp_path: Path, name: str = "params.yaml") -> subprocess.CompletedProcess:
-    """Run ``python -m cqa_rlhf.stages.<module> --params <file>`` with ``params`` written to a file."""
+def run_stage(module: str, params: dict, tmp_path: Path, name: str = "params.yaml",
+              args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ``python -m cqa_rlhf.stages.<module> --params <file> [args]`` with ``params`` written to a file."""
     pfile = tmp_path / name
     pfile.write_text(yaml.safe_dump(params), encoding="utf-8")
     return subprocess.run(
-        [sys.executable, "-m", f"cqa_rlhf.stages.{module}", "--params", str(pfile)],
+        [sys.executable, "-m", f"cqa_rlhf.stages.{module}", "--params", str(pfile), *args],
         capture_output=True, text=True, cwd=tmp_path, env=stage_env(), timeout=600,
     )
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A tiny synthetic site, prepared and tokenized by the real stages (see helpers.tiny_params)."""
+    from helpers import tiny_params
+
+    work = tmp_path_factory.mktemp("tiny")
+    for stage in ("synth", "data", "tokenizer"):
+        proc = run_stage(stage, tiny_params(work), work)
+        assert proc.returncode == 0, proc.stderr
+    return work

@@ -13,12 +13,14 @@ import yaml
 
 from conftest import ROOT, SITES, stage_env
 
-STAGE_MODULES = {s: f"cqa_rlhf.stages.{s}" for s in ("synth", "data", "tokenizer", "sft")}
-ALL = {"synth", "data", "tokenizer", "sft"}
+STAGE_MODULES = {s: f"cqa_rlhf.stages.{s}" for s in ("synth", "data", "tokenizer", "sft", "reward")}
+REWARD = {"reward@regression", "reward@classification"}
+ALL = {"synth", "data", "tokenizer", "sft", *REWARD}
 
 
 def _declared_src_deps(stage: str) -> set[str]:
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    spec = spec.get("do", spec)  # foreach stages keep their body under `do`
     return {d for d in spec["deps"] if d.startswith("src/")}
 
 
@@ -66,6 +68,8 @@ def repo(tmp_path):
                                  "max_position_embeddings": 128, "attention_types": [[["global", "local"], 1]]}
     params["tokenizer"]["vocab_size"] = 400
     params["sft"].update(max_steps=10, val_check_interval=5, max_length=96, sample={"n": 4, "max_new_tokens": 16})
+    for kind in ("regression", "classification"):
+        params["reward"][kind].update(max_steps=6, val_check_interval=3, max_length=96, batch_size=8)
     (r / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], r)
     _run(["git", "config", "user.email", "t@example.com"], r)
@@ -91,10 +95,13 @@ def test_repro_noop_and_selective_reruns(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["pairs"]["min_score_gap"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_dvc("repro", cwd=repo)) == {"data"}
-    params["sft"]["lr"] = 0.002  # an sft param reruns sft alone
+    assert _ran(_dvc("repro", cwd=repo)) == {"data", *REWARD}  # the reward models read pairs
+    params["sft"]["lr"] = 0.002  # an sft param reruns sft and what starts from it
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_dvc("repro", cwd=repo)) == {"sft"}
+    assert _ran(_dvc("repro", cwd=repo)) == {"sft", *REWARD}
+    params["reward"]["regression"]["lr"] = 0.002  # one reward model's param: that model alone
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_dvc("repro", cwd=repo)) == {"reward@regression"}
     params["synth"]["seed"] = 99  # new raw data: everything downstream
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _ran(_dvc("repro", cwd=repo)) == ALL
@@ -103,9 +110,14 @@ def test_repro_noop_and_selective_reruns(repo):
     with open(repo / "src/cqa_rlhf/data/json_source.py", "a") as f:
         f.write("\n# touched\n")
     assert _ran(_dvc("repro", cwd=repo)) == {"data"}
-    with open(repo / "src/cqa_rlhf/training.py", "a") as f:
+    with open(repo / "src/cqa_rlhf/sft.py", "a") as f:
         f.write("\n# touched\n")
+    # sft reruns (fresh: its code changed) and, being deterministic, writes the same model, so
+    # the reward models that start from it are not rerun.
     assert _ran(_dvc("repro", cwd=repo)) == {"sft"}
+    with open(repo / "src/cqa_rlhf/reward.py", "a") as f:
+        f.write("\n# touched\n")
+    assert _ran(_dvc("repro", cwd=repo)) == REWARD
     with open(repo / "src/cqa_rlhf/config.py", "a") as f:
         f.write("\n# touched\n")
     assert _ran(_dvc("repro", cwd=repo)) == ALL

@@ -21,36 +21,7 @@ from cqa_rlhf.tokenizer import load_tokenizer, train_bpe
 from cqa_rlhf.training import apply_freeze, param_groups
 
 from conftest import run_stage, stage_env
-
-TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
-              "max_position_embeddings": 128, "attention_types": [[["global", "local"], 1]], "window_size": 64}
-
-
-def tiny_params(work: Path, **sft) -> dict:
-    """Params for a fast run of synth -> data -> tokenizer -> sft under ``work``."""
-    return {
-        "synth": {"out": str(work / "raw"), "n_questions": 150, "seed": 3},
-        "data": {"source": str(work / "raw"), "out": str(work / "prepared"), "metrics": str(work / "m" / "data.json")},
-        "prompt": {"template": "Question: {question}\nAnswer:"},
-        "model": {"name": None, "config": TINY_MODEL},
-        "tokenizer": {"out": str(work / "tok"), "vocab_size": 400},
-        "trainer": {"accelerator": "cpu", "devices": 1, "log_every_n_steps": 5},
-        "sft": {"data": str(work / "prepared"), "out": str(work / "sft"), "metrics": str(work / "m" / "sft.json"),
-                "live_dir": str(work / "live"), "checkpoint_dir": str(work / "ckpt"), "batch_size": 8,
-                "max_length": 96, "max_steps": 30, "val_check_interval": 10, "lr": 3e-3,
-                "sample": {"n": 8, "max_new_tokens": 24, "batch_size": 8}, **sft},
-    }
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """A tiny synthetic site, prepared and tokenized by the real stages."""
-    work = tmp_path_factory.mktemp("sftdata")
-    for stage in ("synth", "data", "tokenizer"):
-        proc = run_stage(stage, tiny_params(work), work)
-        assert proc.returncode == 0, proc.stderr
-    return work
-
+from helpers import TINY_MODEL, tiny_params
 
 def _sft(work: Path, prepared: Path, name: str = "params.yaml", **sft) -> subprocess.CompletedProcess:
     params = tiny_params(prepared, **sft)

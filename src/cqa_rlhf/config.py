@@ -262,7 +262,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.01, ge=0.0)  # never on biases and LayerNorms
     betas: list[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
     warmup_frac: float = Field(0.05, ge=0.0, le=1.0)  # linear warmup, then linear decay to 0
-    max_epochs: int = Field(-1, ge=-1)  # -1: bounded by max_steps
+    max_epochs: int = Field(1, ge=-1)  # -1: bounded by max_steps
     max_steps: int = Field(-1, ge=-1)  # optimizer steps; -1: bounded by max_epochs
     val_check_interval: int = Field(100, ge=1)  # training batches between validations
     limit_val_batches: int | float = 1.0
@@ -299,3 +299,36 @@ class SFTConfig(TrainConfig):
     live_dir: str = "dvclive/sft"
     checkpoint_dir: str = "checkpoints/sft"
     sample: SampleConfig = SampleConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# reward: two reward models, one DVC foreach stage (reward@regression, reward@classification)
+# --------------------------------------------------------------------------------------------
+class RewardKindConfig(TrainConfig):
+    data: str = "data/prepared"
+    init: Literal["sft", "model"] = "sft"  # from the SFT policy (InstructGPT) or model.name/config
+    sft_dir: str = "models/sft"
+    out: str = "models/reward/kind"
+    metrics: str = "metrics/reward_kind.json"
+    live_dir: str = "dvclive/reward/kind"
+    checkpoint_dir: str = "checkpoints/reward/kind"
+    score_batch_size: int = Field(64, ge=1)
+
+
+class RegressionConfig(RewardKindConfig):
+    """Fits the prepared (scaled) score of each answer."""
+
+    loss: Literal["mse", "mae"] = "mse"
+
+
+class ClassificationConfig(RewardKindConfig):
+    """Bradley-Terry on (chosen, rejected) pairs: -log sigmoid(r_c - r_r - margin_scale * margin)."""
+
+    use_margin: bool = False
+    margin_scale: float = Field(1.0, ge=0.0)
+    center_coef: float = Field(0.0, ge=0.0)  # + coef * mean((r_c + r_r)^2), keeps rewards centred
+
+
+class RewardConfig(Section):
+    regression: RegressionConfig = RegressionConfig()
+    classification: ClassificationConfig = ClassificationConfig()

@@ -1,0 +1,114 @@
+"""Reward models: losses on hand-computed numbers, padding invariance, tiny runs, exports."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from cqa_rlhf.config import ModelConfig, PromptConfig
+from cqa_rlhf.losses import center_penalty, pairwise_loss, regression_loss
+from cqa_rlhf.models import build_model
+from cqa_rlhf.prompts import PromptFormatter
+from cqa_rlhf.reward import normalization, pad_right, pair_metrics, reward_forward, score
+from cqa_rlhf.tokenizer import load_tokenizer
+
+from conftest import run_stage
+from helpers import TINY_MODEL, tiny_params
+
+
+def test_pairwise_loss_hand_computed():
+    rc, rr = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])
+    # -log sigmoid(1) = log(1 + e^-1) = 0.3132617; -log sigmoid(0) = log 2 = 0.6931472
+    assert pairwise_loss(rc, rr).item() == pytest.approx((0.3132617 + 0.6931472) / 2, abs=1e-6)
+    # with margins 0.5 and -1: log(1 + e^-0.5) = 0.4740770, log(1 + e^-1) = 0.3132617
+    m = torch.tensor([0.5, -1.0])
+    assert pairwise_loss(rc, rr, m).item() == pytest.approx((0.4740770 + 0.3132617) / 2, abs=1e-6)
+    assert center_penalty(torch.tensor([1.0, -1.0]), torch.tensor([1.0, 0.0])).item() == pytest.approx(2.5)
+    assert regression_loss(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 1.0]), "mse").item() == pytest.approx(2.5)
+    assert regression_loss(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 1.0]), "mae").item() == pytest.approx(1.5)
+
+
+def test_pair_metrics_and_length_baseline():
+    m = pair_metrics([1.0, 0.0, 2.0, 0.5], [0.0, 1.0, 1.0, 0.5], ["long one", "a", "bb", "xy"], ["s", "longer", "bb", "ab"])
+    assert m["pairwise_accuracy"] == 0.5  # ties in score are not wins
+    assert m["length_baseline_accuracy"] == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
+    assert m["mean_margin"] == pytest.approx((1 - 1 + 1 + 0) / 4) and m["chance_accuracy"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def rm_and_fmt(prepared):
+    tok = load_tokenizer(prepared / "tok")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(config=TINY_MODEL), tok, "reward").eval()
+    return model, PromptFormatter(PromptConfig(), tok)
+
+
+def test_scores_do_not_depend_on_padding_or_batch(rm_and_fmt):
+    model, fmt = rm_and_fmt
+    pairs = [("How do I sort a git branch?", "Use the git cli."),
+             ("Why does my sql cache crash?", "Because the sql cache is never closed. " * 3),
+             ("What is a json queue used for?", "- one\n- two")]
+    alone = [score(model, fmt, [p], 128)[0] for p in pairs]
+    together = score(model, fmt, pairs, 128, batch_size=3)
+    reordered = score(model, fmt, pairs[::-1], 128, batch_size=2)[::-1]
+    assert together == pytest.approx(alone, abs=1e-5) and reordered == pytest.approx(alone, abs=1e-5)
+    # Left padding gives the same scores as right padding (positions come from the mask).
+    rows = [fmt.encode(q, a, 128).input_ids for q, a in pairs]
+    ids_r, mask_r = pad_right(rows, fmt.tok.pad_token_id)
+    width = ids_r.shape[1]
+    ids_l = torch.full_like(ids_r, fmt.tok.pad_token_id)
+    mask_l = torch.zeros_like(mask_r)
+    for i, r in enumerate(rows):
+        ids_l[i, width - len(r):] = torch.tensor(r)
+        mask_l[i, width - len(r):] = 1
+    with torch.no_grad():
+        right, left = reward_forward(model, ids_r, mask_r), reward_forward(model, ids_l, mask_l)
+    assert left.tolist() == pytest.approx(right.tolist(), abs=1e-5)
+    assert right.tolist() == pytest.approx(alone, abs=1e-5)
+
+
+def test_missing_normalisation_is_an_error(rm_and_fmt):
+    with pytest.raises(ValueError, match="cqa_score_mean"):
+        normalization(rm_and_fmt[0])
+
+
+@pytest.fixture(scope="module")
+def pairs_data(tmp_path_factory) -> Path:
+    """A larger test split than the shared tiny data, so pairwise accuracies are measurable."""
+    work = tmp_path_factory.mktemp("rmdata")
+    params = tiny_params(work)
+    params["synth"]["n_questions"] = 300
+    params["data"]["splits"] = {"train": 0.6, "val": 0.2, "test": 0.2}
+    for stage in ("synth", "data", "tokenizer"):
+        proc = run_stage(stage, params, work)
+        assert proc.returncode == 0, proc.stderr
+    return work
+
+
+def _reward_params(prepared: Path, work: Path, kind: str, **extra) -> dict:
+    params = tiny_params(prepared)
+    params["reward"] = {kind: {"data": str(prepared / "prepared"), "init": "model", "out": str(work / kind),
+                               "metrics": str(work / f"{kind}.json"), "live_dir": str(work / "live"),
+                               "checkpoint_dir": str(work / "ckpt"), "batch_size": 16, "max_length": 96,
+                               "max_epochs": -1, "max_steps": 80, "val_check_interval": 20, "lr": 3e-3, **extra}}
+    return params
+
+
+@pytest.mark.parametrize("kind", ["regression", "classification"])
+def test_tiny_reward_run_beats_the_untrained_head_and_exports(tmp_path, pairs_data, kind):
+    proc = run_stage("reward", _reward_params(pairs_data, tmp_path, kind), tmp_path, args=("--kind", kind))
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / f"{kind}.json").read_text())
+    assert m["pairs"] > 150
+    assert m["pairwise_accuracy"] > m["untrained_pairwise_accuracy"] + 0.05, m
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / kind)
+    tok = AutoTokenizer.from_pretrained(tmp_path / kind)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
+    mean, std = normalization(model)
+    assert mean == pytest.approx(m["score_mean_sft_train"], abs=1e-5) and std > 0
+    assert math.isfinite(m["mean_margin"]) and 0 <= m["length_baseline_accuracy"] <= 1
