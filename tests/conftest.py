@@ -50,13 +50,42 @@ def run_stage(module: str, params: dict, tmp_path: Path, name: str = "params.yam
     )
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """A tiny synthetic site, prepared and tokenized by the real stages (see helpers.tiny_params)."""
+def _tiny_site(work: Path) -> Path:
     from helpers import tiny_params
 
-    work = tmp_path_factory.mktemp("tiny")
     for stage in ("synth", "data", "tokenizer"):
         proc = run_stage(stage, tiny_params(work), work)
         assert proc.returncode == 0, proc.stderr
     return work
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A tiny synthetic site, prepared and tokenized by the real stages (see helpers.tiny_params)."""
+    return _tiny_site(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def prepared_session(tmp_path_factory) -> Path:
+    """The same tiny site, shared by every module that trains on it (the RLHF fixtures)."""
+    return _tiny_site(tmp_path_factory.mktemp("tiny_session"))
+
+
+@pytest.fixture(scope="session")
+def rlhf_inputs(prepared_session, tmp_path_factory) -> Path:
+    """The tiny SFT policy and a Bradley-Terry reward model trained on it (real stages)."""
+    from helpers import tiny_params
+
+    prepared = prepared_session
+    work = tmp_path_factory.mktemp("rlhf")
+    params = tiny_params(prepared, max_steps=40, out=str(work / "sft"), metrics=str(work / "sft.json"),
+                         live_dir=str(work / "sft_live"), checkpoint_dir=str(work / "sft_ckpt"))
+    params["reward"] = {"classification": {
+        "data": str(prepared / "prepared"), "sft_dir": str(work / "sft"), "out": str(work / "rm"),
+        "metrics": str(work / "rm.json"), "live_dir": str(work / "rm_live"), "checkpoint_dir": str(work / "rm_ckpt"),
+        "batch_size": 16, "max_length": 96, "max_epochs": -1, "max_steps": 40, "val_check_interval": 20, "lr": 3e-3}}
+    for stage, args in (("sft", ()), ("reward", ("--kind", "classification"))):
+        proc = run_stage(stage, params, work, args=args)
+        assert proc.returncode == 0, proc.stderr
+    return work
+

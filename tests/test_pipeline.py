@@ -13,9 +13,11 @@ import yaml
 
 from conftest import ROOT, SITES, stage_env
 
-STAGE_MODULES = {s: f"cqa_rlhf.stages.{s}" for s in ("synth", "data", "tokenizer", "sft", "reward")}
+STAGE_MODULES = {s: f"cqa_rlhf.stages.{s}" for s in ("synth", "data", "tokenizer", "sft", "reward", "ppo", "base",
+                                                      "evaluate", "compare")}
 REWARD = {"reward@regression", "reward@classification"}
-ALL = {"synth", "data", "tokenizer", "sft", *REWARD}
+EVAL = {"evaluate@base", "evaluate@sft", "evaluate@ppo"}
+ALL = {"synth", "data", "tokenizer", "sft", *REWARD, "ppo", "base", *EVAL, "compare"}
 
 
 def _declared_src_deps(stage: str) -> set[str]:
@@ -54,10 +56,8 @@ def _ran(proc: subprocess.CompletedProcess) -> set[str]:
     return {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
 
 
-@pytest.fixture
-def repo(tmp_path):
+def _make_repo(r: Path) -> Path:
     """A git + DVC repo holding the project's pipeline, with a small synthetic site."""
-    r = tmp_path / "repo"
     r.mkdir()
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, r / name)
@@ -70,6 +70,11 @@ def repo(tmp_path):
     params["sft"].update(max_steps=10, val_check_interval=5, max_length=96, sample={"n": 4, "max_new_tokens": 16})
     for kind in ("regression", "classification"):
         params["reward"][kind].update(max_steps=6, val_check_interval=3, max_length=96, batch_size=8)
+    params["ppo"].update(iterations=2, rollout_batch_size=8, mini_batch_size=8, micro_batch_size=8, ppo_epochs=1,
+                         eval_every=2, eval_prompts=8, samples_every=2, max_prompt_length=48, max_length=96,
+                         sample={"max_new_tokens": 12, "batch_size": 8})
+    params["evaluate"].update(max_questions=8, max_prompt_length=48, max_length=96,
+                              sample={"max_new_tokens": 12, "batch_size": 8})
     (r / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], r)
     _run(["git", "config", "user.email", "t@example.com"], r)
@@ -81,30 +86,46 @@ def repo(tmp_path):
     return r
 
 
+@pytest.fixture(scope="module")
+def ran_repo(tmp_path_factory) -> Path:
+    """The tiny pipeline, run once with `dvc repro` (every stage) and committed."""
+    r = _make_repo(tmp_path_factory.mktemp("ran") / "repo")
+    assert _ran(_dvc("repro", cwd=r)) == ALL
+    metrics = json.loads((r / "metrics/data.json").read_text())
+    assert metrics["input"]["questions"] == 300 and metrics["train"]["pairs"] > 0
+    assert (r / "data/prepared/train/sft/part-00000.parquet").is_file()
+    _run(["git", "add", "-A"], r)
+    _run(["git", "commit", "-qm", "run"], r)
+    return r
+
+
+@pytest.fixture
+def repo(ran_repo, tmp_path) -> Path:
+    """A private copy of the run repository (git history, DVC cache, outputs and all)."""
+    dst = tmp_path / "repo"
+    shutil.copytree(ran_repo, dst, symlinks=True)
+    return dst
+
+
 @pytest.mark.slow
 def test_repro_noop_and_selective_reruns(repo):
-    assert _ran(_dvc("repro", cwd=repo)) == ALL
-    metrics = json.loads((repo / "metrics/data.json").read_text())
-    assert metrics["input"]["questions"] == 300 and metrics["train"]["pairs"] > 0
-    assert (repo / "data/prepared/train/sft/part-00000.parquet").is_file()
     assert _ran(_dvc("repro", cwd=repo)) == set()  # nothing changed, nothing runs
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "run"], repo)
 
     # A pairs param changes only the pairs tables: data reruns, nothing that reads other tables.
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["pairs"]["min_score_gap"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_dvc("repro", cwd=repo)) == {"data", *REWARD}  # the reward models read pairs
+    # the reward models read pairs; PPO uses one of them and the evaluation uses both
+    assert _ran(_dvc("repro", cwd=repo)) == {"data", *REWARD, "ppo", *EVAL, "compare"}
     params["sft"]["lr"] = 0.002  # an sft param reruns sft and what starts from it
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_dvc("repro", cwd=repo)) == {"sft", *REWARD}
-    params["reward"]["regression"]["lr"] = 0.002  # one reward model's param: that model alone
+    assert _ran(_dvc("repro", cwd=repo)) == {"sft", *REWARD, "ppo", *EVAL, "compare"}
+    params["reward"]["regression"]["lr"] = 0.002  # one reward model's param: that model and its judges
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_dvc("repro", cwd=repo)) == {"reward@regression"}
-    params["synth"]["seed"] = 99  # new raw data: everything downstream
+    assert _ran(_dvc("repro", cwd=repo)) == {"reward@regression", *EVAL, "compare"}
+    params["ppo"]["lr"] = 0.002  # a ppo param: ppo and the evaluation downstream of it
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_dvc("repro", cwd=repo)) == ALL
+    assert _ran(_dvc("repro", cwd=repo)) == {"ppo", "evaluate@ppo", "compare"}
 
     # Editing a module reruns exactly the stages that import it.
     with open(repo / "src/cqa_rlhf/data/json_source.py", "a") as f:
@@ -115,19 +136,16 @@ def test_repro_noop_and_selective_reruns(repo):
     # sft reruns (fresh: its code changed) and, being deterministic, writes the same model, so
     # the reward models that start from it are not rerun.
     assert _ran(_dvc("repro", cwd=repo)) == {"sft"}
-    with open(repo / "src/cqa_rlhf/reward.py", "a") as f:
+    with open(repo / "src/cqa_rlhf/ppo_math.py", "a") as f:
         f.write("\n# touched\n")
-    assert _ran(_dvc("repro", cwd=repo)) == REWARD
-    with open(repo / "src/cqa_rlhf/config.py", "a") as f:
-        f.write("\n# touched\n")
-    assert _ran(_dvc("repro", cwd=repo)) == ALL
+    # ppo and every evaluation (they import ppo's KL helper) rerun; being deterministic they
+    # write the same outputs, so compare does not. (A module every stage imports, config.py,
+    # is in every stage's deps: test_stage_deps_are_exactly_the_modules_it_imports.)
+    assert _ran(_dvc("repro", cwd=repo)) == {"ppo", *EVAL}
 
 
 @pytest.mark.slow
 def test_experiment_and_metrics_diff(repo):
-    _dvc("repro", cwd=repo)
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "baseline"], repo)
     before = json.loads((repo / "metrics/data.json").read_text())
     _dvc("exp", "run", "-S", "data.pairs.min_score_gap=4", "--name", "gap4", cwd=repo)
     after = json.loads((repo / "metrics/data.json").read_text())
@@ -139,6 +157,20 @@ def test_experiment_and_metrics_diff(repo):
     shown = json.loads(_dvc("exp", "show", "--json", cwd=repo).stdout)
     assert "gap4" in json.dumps(shown)
 
+    # A PPO experiment: only ppo and what follows it rerun; the diff shows its changed metrics.
+    _run(["git", "checkout", "--", "."], repo)  # back to the baseline commit's params and results
+    _dvc("checkout", "--force", cwd=repo)
+    before_ppo = json.loads((repo / "metrics/ppo.json").read_text())
+    proc = _dvc("exp", "run", "-S", "ppo.lr=0.01", "--name", "ppo-lr", cwd=repo)
+    assert _ran(proc) == {"ppo", "evaluate@ppo", "compare"}
+    after_ppo = json.loads((repo / "metrics/ppo.json").read_text())
+    assert after_ppo["final"] != before_ppo["final"]
+    diff = json.loads(_dvc("metrics", "diff", "--json", cwd=repo).stdout)
+    assert diff["metrics/ppo.json"]["final.score"]["old"] == before_ppo["final"]["score"]
+    assert diff["metrics/ppo.json"]["final.score"]["new"] == after_ppo["final"]["score"]
+    assert "metrics/eval_ppo.json" in diff and "metrics/eval_sft.json" not in diff
+    assert "ppo-lr" in json.dumps(json.loads(_dvc("exp", "show", "--json", cwd=repo).stdout))
+
 
 @pytest.mark.slow
 def test_real_dump_through_import_url(repo, real_site):
@@ -148,7 +180,8 @@ def test_real_dump_through_import_url(repo, real_site):
     assert (repo / "data/raw/dsmeta/Posts.xml.dvc").is_file()
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "import dump"], repo)
-    _dvc("exp", "run", "-S", "data.source=data/raw/dsmeta/Posts.xml", cwd=repo)
+    proc = _dvc("exp", "run", "-S", "data.source=data/raw/dsmeta/Posts.xml", cwd=repo)
+    assert _ran(proc) == ALL - {"synth"}  # a data param: everything downstream of `data` reruns
     metrics = json.loads((repo / "metrics/data.json").read_text())
     assert metrics["input"] == {"questions": 95, "answers": 152, "orphan_answers": 0,
                                 "duplicate_answers": metrics["input"]["duplicate_answers"],
@@ -162,9 +195,6 @@ def test_real_dump_through_import_url(repo, real_site):
 @pytest.mark.slow
 def test_check_lock_catches_stale_lock(repo):
     check = [sys.executable, str(ROOT / "scripts" / "check_lock.py")]
-    _dvc("repro", cwd=repo)
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "run"], repo)
     fresh = repo.parent / "fresh"
     _run(["git", "clone", "-q", str(repo), str(fresh)], repo.parent)
     assert _run(check, fresh, check=False).returncode == 0  # outputs missing on a clone: fine

@@ -14,7 +14,8 @@ from cqa_rlhf.config import ModelConfig, PromptConfig
 from cqa_rlhf.losses import center_penalty, pairwise_loss, regression_loss
 from cqa_rlhf.models import build_model
 from cqa_rlhf.prompts import PromptFormatter
-from cqa_rlhf.reward import normalization, pad_right, pair_metrics, reward_forward, score
+from cqa_rlhf.batches import pad_rows
+from cqa_rlhf.reward import normalization, pair_metrics, reward_forward, score
 from cqa_rlhf.tokenizer import load_tokenizer
 
 from conftest import run_stage
@@ -59,13 +60,9 @@ def test_scores_do_not_depend_on_padding_or_batch(rm_and_fmt):
     assert together == pytest.approx(alone, abs=1e-5) and reordered == pytest.approx(alone, abs=1e-5)
     # Left padding gives the same scores as right padding (positions come from the mask).
     rows = [fmt.encode(q, a, 128).input_ids for q, a in pairs]
-    ids_r, mask_r = pad_right(rows, fmt.tok.pad_token_id)
-    width = ids_r.shape[1]
-    ids_l = torch.full_like(ids_r, fmt.tok.pad_token_id)
-    mask_l = torch.zeros_like(mask_r)
-    for i, r in enumerate(rows):
-        ids_l[i, width - len(r):] = torch.tensor(r)
-        mask_l[i, width - len(r):] = 1
+    ids_r, mask_r = pad_rows(rows, fmt.tok.pad_token_id)
+    ids_l, mask_l = pad_rows(rows, fmt.tok.pad_token_id, "left")
+    assert mask_l[0].tolist() != mask_r[0].tolist()  # the rows really differ in length
     with torch.no_grad():
         right, left = reward_forward(model, ids_r, mask_r), reward_forward(model, ids_l, mask_l)
     assert left.tolist() == pytest.approx(right.tolist(), abs=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -28,6 +29,22 @@ class ListDataset(Dataset):
         return self.items[i]
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: Literal["left", "right"] = "right"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows to ``input_ids`` [B, T] filled with ``pad_id`` and ``attention_mask`` [B, T]
+    (1 on real tokens), T the longest row. Left padding is for generation (every row continues
+    from its last real token); right padding for everything else. The one padding routine of
+    the package."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, span] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
 class CausalLMCollator:
     """``input_ids`` [B, T] right-padded with the pad id, ``attention_mask`` [B, T] and
     ``labels`` [B, T] padded with IGNORE_INDEX; T is the longest sequence in the batch."""
@@ -36,16 +53,16 @@ class CausalLMCollator:
         self.pad = pad_token_id
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(x["input_ids"]) for x in items)
-        ids = torch.full((len(items), width), self.pad, dtype=torch.long)
-        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for i, x in enumerate(items):
-            n = len(x["input_ids"])
-            ids[i, :n] = torch.tensor(x["input_ids"])
-            labels[i, :n] = torch.tensor(x["labels"])
-            mask[i, :n] = 1
+        ids, mask = pad_rows([x["input_ids"] for x in items], self.pad)
+        labels, _ = pad_rows([x["labels"] for x in items], IGNORE_INDEX)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class PromptCollator:
+    """Prompts for rollouts: ``{"questions": [B]}``; the generator encodes and left-pads them."""
+
+    def __call__(self, items: list[dict]) -> dict[str, list[str]]:
+        return {"questions": [x["question"] for x in items]}
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
@@ -58,9 +75,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,
-                 group: int = 50, rank: int = 0, world_size: int = 1) -> None:
+                 group: int = 50, rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
         self.lengths, self.batch_size, self.seed, self.shuffle = list(lengths), batch_size, seed, shuffle
-        self.group, self.rank, self.world_size = group, rank, world_size
+        self.group, self.rank, self.world_size, self.drop_last = group, rank, world_size, drop_last
         self.epoch = 0
         self.skip = 0  # batches of ``epoch`` already consumed (set when resuming)
 
@@ -83,6 +100,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
                 chunk = sorted(idx[m: m + mega], key=lambda i: (-self.lengths[i], i))
                 batches.extend(chunk[i: i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
             rng.shuffle(batches)
+        if self.drop_last:  # every batch full (PPO: a fixed number of optimizer steps per iteration)
+            batches = [b for b in batches if len(b) == self.batch_size]
         usable = len(batches) - len(batches) % self.world_size if self.world_size > 1 else len(batches)
         return batches[self.rank: usable: self.world_size]
 
@@ -92,7 +111,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         yield from batches[skip:]
 
     def __len__(self) -> int:
-        n = -(-len(self.lengths) // self.batch_size) if not self.shuffle else len(self._batches())
+        n = -(-len(self.lengths) // self.batch_size) if not self.shuffle and not self.drop_last else len(self._batches())
         return n // self.world_size if not self.shuffle and self.world_size > 1 else n
 
 

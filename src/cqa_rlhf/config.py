@@ -332,3 +332,125 @@ class ClassificationConfig(RewardKindConfig):
 class RewardConfig(Section):
     regression: RegressionConfig = RegressionConfig()
     classification: ClassificationConfig = ClassificationConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# ppo: RLHF of the SFT policy against a reward model
+# --------------------------------------------------------------------------------------------
+class KLConfig(Section):
+    """The KL penalty: -beta * KL_t per response token. ``adaptive``: Ziegler et al.'s controller
+    moves beta so the per-sequence KL approaches ``target`` (horizon in rollouts)."""
+
+    estimator: Literal["k1", "k3"] = "k1"
+    beta: float = Field(0.1, ge=0.0)  # the initial beta when adaptive
+    adaptive: bool = True
+    target: float = Field(4.0, gt=0.0)  # nats per sequence
+    horizon: int = Field(10000, ge=1)
+
+
+class PPOConfig(Section):
+    """PPO: rollouts of ``rollout_batch_size`` prompts a process per iteration, then
+    ``ppo_epochs`` passes over shuffled minibatches of ``mini_batch_size`` rollouts, each an
+    optimizer step over micro-batches of ``micro_batch_size`` (gradient accumulation)."""
+
+    data: str = "data/prepared"  # prompts: <data>/train/prompts; held-out: <data>/val/prompts
+    sft_dir: str = "models/sft"  # the initial policy and the frozen reference
+    reward_model: str = "models/reward/classification"  # an exported reward model directory
+    out: str = "models/ppo"
+    metrics: str = "metrics/ppo.json"
+    live_dir: str = "dvclive/ppo"
+    checkpoint_dir: str = "checkpoints/ppo"
+    seed: int = 0
+    iterations: int = Field(60, ge=1)
+    rollout_batch_size: int = Field(64, ge=1)
+    mini_batch_size: int = Field(64, ge=1)
+    micro_batch_size: int = Field(64, ge=1)
+    ppo_epochs: int = Field(4, ge=1)
+    lr: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
+    warmup_frac: float = Field(0.0, ge=0.0, le=1.0)
+    gradient_clip_val: float = Field(1.0, ge=0.0)  # 0: off
+    max_prompt_length: int = Field(128, ge=8)  # the question is cut from its end to fit
+    max_length: int = Field(256, ge=8)  # truncation when the reward model scores prompt + answer
+    sample: SampleConfig = SampleConfig(max_new_tokens=96)
+    critic: Literal["shared", "separate"] = "shared"  # value head on the policy, or a critic from the RM
+    kl: KLConfig = KLConfig()
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    cliprange: float = Field(0.2, gt=0.0)
+    cliprange_value: float = Field(0.2, gt=0.0)
+    vf_coef: float = Field(0.1, ge=0.0)
+    score_clip: float | None = Field(None, gt=0.0)  # clip normalised scores to +-this; null: off
+    missing_eos_penalty: float | None = Field(None, ge=0.0)  # subtracted from scores without EOS
+    eval_every: int = Field(10, ge=1)  # iterations between held-out evaluations and checkpoints
+    eval_prompts: int = Field(64, ge=1)  # held-out prompts scored at each evaluation
+    samples_every: int = Field(20, ge=1)  # iterations between tables of sample generations
+    export: Literal["last", "best"] = "last"  # which policy goes to `out` (best: by held-out score)
+    freeze: FreezeConfig = FreezeConfig()
+    trainer: TrainerOverride = TrainerOverride()
+
+    @model_validator(mode="after")
+    def _batch_shapes(self) -> PPOConfig:
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError("rollout_batch_size must be a multiple of mini_batch_size")
+        if self.mini_batch_size % self.micro_batch_size:
+            raise ValueError("mini_batch_size must be a multiple of micro_batch_size")
+        return self
+
+    @property
+    def updates_per_iteration(self) -> int:
+        return self.ppo_epochs * self.rollout_batch_size // self.mini_batch_size
+
+    def harness(self) -> TrainConfig:
+        """What the shared harness needs: the optimizer, schedule, trainer override and freeze
+        options; steps count optimizer steps; validation is the held-out evaluation. Gradient
+        clipping is PPO's own (Lightning does not clip under manual optimisation)."""
+        return TrainConfig(
+            seed=self.seed, batch_size=self.rollout_batch_size, eval_batch_size=self.sample.batch_size,
+            max_length=self.max_length, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
+            warmup_frac=self.warmup_frac, max_epochs=-1, max_steps=self.iterations * self.updates_per_iteration,
+            val_check_interval=self.eval_every, accumulate_grad_batches=1, gradient_clip_val=0.0,
+            monitor="eval/score", monitor_mode="max", freeze=self.freeze, trainer=self.trainer)
+
+
+# --------------------------------------------------------------------------------------------
+# base, evaluate, compare: the policies side by side
+# --------------------------------------------------------------------------------------------
+class BaseConfig(Section):
+    """The untrained base policy (``model.name``, or a fresh ``model.config`` drawn with ``seed``),
+    exported like every other policy so the evaluation treats it alike."""
+
+    out: str = "models/base"
+    seed: int = 0
+
+
+class EvaluateConfig(Section):
+    """One evaluation per policy (a DVC foreach stage): answers to the test questions, scored by
+    every reward model (and the synthetic site's gold quality), BLEU/ROUGE against the reference
+    answers, length, EOS rate, and KL to ``reference`` on the policy's own samples."""
+
+    data: str = "data/prepared"  # questions and reference answers: <data>/test/sft
+    policies: dict[str, str] = Field(default_factory=lambda: {"base": "models/base", "sft": "models/sft",
+                                                              "ppo": "models/ppo"})
+    reference: str = "models/sft"
+    reward_models: dict[str, str] = Field(default_factory=lambda: {
+        "regression": "models/reward/regression", "classification": "models/reward/classification"})
+    gold: Literal["auto", "on", "off"] = "auto"  # auto: on when data.source is the embedded default
+    out: str = "data/eval"  # <out>/<policy>/generations.parquet
+    metrics_dir: str = "metrics"  # <metrics_dir>/eval_<policy>.json
+    seed: int = 0
+    max_questions: int | None = Field(None, ge=1)  # null: every test question
+    max_prompt_length: int = Field(128, ge=8)
+    max_length: int = Field(256, ge=8)  # reward-model truncation
+    score_batch_size: int = Field(64, ge=1)
+    sample: SampleConfig = SampleConfig(max_new_tokens=96, batch_size=64)
+
+
+class CompareConfig(Section):
+    """Win rates of ``candidate`` over ``baseline`` on the same questions, by every judge."""
+
+    baseline: str = "sft"
+    candidate: str = "ppo"
+    metrics: str = "metrics/compare.json"
+    plot: str = "metrics/compare_win_rate.csv"

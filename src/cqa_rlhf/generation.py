@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from cqa_rlhf.batches import pad_rows
 from cqa_rlhf.config import SampleConfig
 from cqa_rlhf.prompts import PromptFormatter
 
@@ -20,18 +21,6 @@ class Generation:
     text: str  # the answer, decoded without special tokens
     response_ids: list[int]  # up to and including the first EOS (if any)
     ended: bool  # emitted EOS within max_new_tokens
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` [B, T], padded on the left (generation continues
-    every row from its last real token)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -45,7 +34,8 @@ def generate(model: PreTrainedModel, fmt: PromptFormatter, questions: list[str],
     out: list[Generation] = []
     for start in range(0, len(questions), sample.batch_size):
         batch = questions[start: start + sample.batch_size]
-        ids, mask = left_pad([fmt.encode_prompt(q, max_prompt_len) for q in batch], tok.pad_token_id)
+        ids, mask = pad_rows([fmt.encode_prompt(q, max_prompt_len) for q in batch], tok.pad_token_id, "left")
+        ids, mask = ids.to(model.device), mask.to(model.device)
         seqs = model.generate(
             input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=sample.max_new_tokens,
             temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,

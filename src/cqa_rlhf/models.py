@@ -79,6 +79,15 @@ def build_model(model: ModelConfig, tokenizer: PreTrainedTokenizerBase, kind: Ki
     return rm
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout to p = 0: PPO compares log-probs across forward passes, and dropout
+    would make the ratio noisy (ppo-details #13). Pretrained GPT-Neo configs have dropout > 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
 class CausalLMWithValueHead(nn.Module):
     """A causal LM with a scalar value head on its last hidden state (head initialised to 0,
     so the critic starts neutral). ``forward`` returns logits ``[B, T, V]`` and values ``[B, T]``."""
@@ -96,3 +105,53 @@ class CausalLMWithValueHead(nn.Module):
                       output_hidden_states=True)
         values = self.v_head(out.hidden_states[-1]).squeeze(-1)
         return out.logits, values
+
+
+class TokenCritic(nn.Module):
+    """A separate critic: a reward model's backbone and scalar head read at *every* position,
+    so it starts from the reward model (as OpenRLHF and TRL initialise their value model).
+    ``forward`` returns values ``[B, T]``."""
+
+    def __init__(self, reward_model: PreTrainedModel) -> None:
+        super().__init__()
+        self.rm = reward_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.rm.transformer(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids).last_hidden_state
+        return self.rm.score(hidden).squeeze(-1).float()
+
+
+class PolicyWithCritic(nn.Module):
+    """A causal LM and a separate :class:`TokenCritic`, with the interface of
+    :class:`CausalLMWithValueHead`: ``forward`` returns logits ``[B, T, V]`` and values ``[B, T]``."""
+
+    def __init__(self, lm: PreTrainedModel, critic: TokenCritic) -> None:
+        super().__init__()
+        self.lm = lm
+        self.critic = critic
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        return logits, self.critic(input_ids, attention_mask, position_ids)
+
+
+def load_frozen(path: str | Path, tokenizer: PreTrainedTokenizerBase, kind: Literal["causal", "reward"],
+                dtype: str = "float32") -> PreTrainedModel:
+    """An exported stage directory as a frozen model in eval mode (reference policy, reward model)."""
+    m = build_model(ModelConfig(dtype=dtype), tokenizer, kind, init_from=path)
+    m.eval().requires_grad_(False)
+    return disable_dropout(m)
+
+
+def build_policy(model: ModelConfig, tokenizer: PreTrainedTokenizerBase, sft_dir: str | Path,
+                 critic: Literal["shared", "separate"], reward_dir: str | Path) -> nn.Module:
+    """PPO's trained model: the SFT policy with a zero-initialised value head on its backbone
+    (``shared``), or with a separate critic initialised from the reward model. Dropout off."""
+    if critic == "shared":
+        return disable_dropout(build_model(model, tokenizer, "value", init_from=sft_dir))
+    lm = build_model(model, tokenizer, "causal", init_from=sft_dir)
+    return disable_dropout(PolicyWithCritic(lm, TokenCritic(build_model(model, tokenizer, "reward",
+                                                                          init_from=reward_dir))))

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
+from cqa_rlhf.batches import pad_rows
 from cqa_rlhf.config import ClassificationConfig, RegressionConfig
 from cqa_rlhf.losses import center_penalty, pairwise_loss, regression_loss
 from cqa_rlhf.prompts import PromptFormatter
@@ -30,16 +31,6 @@ def reward_forward(model: PreTrainedModel, input_ids: torch.Tensor, mask: torch.
     return out.logits[:, 0].float()
 
 
-def pad_right(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def score(model: PreTrainedModel, fmt: PromptFormatter, pairs: Sequence[tuple[str, str]], max_length: int,
           batch_size: int = 64) -> list[float]:
@@ -52,8 +43,8 @@ def score(model: PreTrainedModel, fmt: PromptFormatter, pairs: Sequence[tuple[st
     out = [0.0] * len(encoded)
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
-        ids, mask = pad_right([encoded[i] for i in idx], fmt.tok.pad_token_id)
-        for i, s in zip(idx, reward_forward(model, ids, mask).tolist()):
+        ids, mask = pad_rows([encoded[i] for i in idx], fmt.tok.pad_token_id)
+        for i, s in zip(idx, reward_forward(model, ids.to(model.device), mask.to(model.device)).tolist()):
             out[i] = s
     model.train(was_training)
     return out
@@ -88,7 +79,7 @@ class ScoredCollator:
         self.pad = pad_token_id
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        ids, mask = pad_right([x["input_ids"] for x in items], self.pad)
+        ids, mask = pad_rows([x["input_ids"] for x in items], self.pad)
         return {"input_ids": ids, "attention_mask": mask,
                 "target": torch.tensor([x["target"] for x in items], dtype=torch.float32)}
 
@@ -101,7 +92,7 @@ class PairCollator:
         self.pad = pad_token_id
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        ids, mask = pad_right([x["chosen"] for x in items] + [x["rejected"] for x in items], self.pad)
+        ids, mask = pad_rows([x["chosen"] for x in items] + [x["rejected"] for x in items], self.pad)
         return {"input_ids": ids, "attention_mask": mask,
                 "margin": torch.tensor([x["margin"] for x in items], dtype=torch.float32)}
 

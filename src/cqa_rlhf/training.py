@@ -16,7 +16,7 @@ import random
 import re
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -125,15 +125,18 @@ def _py_rng_from(saved: list) -> tuple:
 # Trainer, checkpoints and resumption
 # --------------------------------------------------------------------------------------------
 def build_trainer(shared: TrainerConfig, train: TrainConfig, live_dir: str | Path, ckpt_dir: str | Path,
-                  resume: Path | None = None, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+                  resume: Path | None = None, callbacks: Sequence[L.Callback] = (),
+                  curve_step: Callable[[dict], int] | None = None) -> L.Trainer:
     """The stage's Trainer. ``resume``: the checkpoint the fit resumes from, if any -- then the
     curves logged before it are kept (the live dir is a persistent DVC output) and those logged
-    after it by the interrupted run are dropped, as that part is trained again."""
+    after it by the interrupted run are dropped, as that part is trained again. ``curve_step``
+    reads the checkpoint's position in the curves' x units (default: its global step)."""
     from dvclive.lightning import DVCLiveLogger
 
     t = train.trainer.apply(shared)
     if resume is not None:
-        trim_live_curves(live_dir, torch.load(resume, map_location="cpu", weights_only=True)["global_step"])
+        saved = torch.load(resume, map_location="cpu", weights_only=True)
+        trim_live_curves(live_dir, curve_step(saved) if curve_step is not None else saved["global_step"])
     # dvcyaml=False and save_dvc_exp=False: DVCLive must not rewrite dvc.yaml or make its own
     # experiments; the stage declares its metrics and plots in dvc.yaml (cache: false).
     logger = DVCLiveLogger(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None,
@@ -220,12 +223,16 @@ def load_best_weights(module: L.LightningModule, ckpt_dir: str | Path) -> Path:
     return path
 
 
-def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: str | Path, params: dict) -> None:
+def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: str | Path, params: dict,
+                      extra: Callable[[Path], None] | None = None) -> None:
     """A ``save_pretrained`` directory (safetensors) with the tokenizer and the resolved params
-    beside it, written to a staging directory and swapped in whole."""
+    beside it (and whatever ``extra`` writes into it), written to a staging directory and
+    swapped in whole: a crash mid-write leaves the previous export in place."""
     out = Path(out)
     tmp = staging_dir(out)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    if extra is not None:
+        extra(tmp)
     replace_dir(tmp, out)

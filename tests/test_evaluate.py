@@ -1,0 +1,109 @@
+"""Evaluation: metric helpers on hand-computed numbers, the base/evaluate/compare stages on a tiny
+setup, and the answer command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cqa_rlhf.evaluation import bleu, rouge, win_rate
+
+from conftest import run_stage, stage_env
+from helpers import tiny_params
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate([1.0, 2.0, 3.0], [1.0, 1.0, 4.0]) == pytest.approx((0.5 + 1 + 0) / 3)
+    with pytest.raises(ValueError):
+        win_rate([1.0], [1.0, 2.0])
+
+
+def test_reference_overlap():
+    assert bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
+    assert bleu(["dogs run"], ["the cat sat on the mat"]) == pytest.approx(0.0)
+    r = rouge(["the cat sat on a mat"], ["the cat sat on the mat"])
+    # 5 of 6 unigrams shared; bigrams: the-cat, cat-sat, sat-on shared of 5 -> 3/5
+    assert r["rouge1"] == pytest.approx(5 / 6) and r["rouge2"] == pytest.approx(3 / 5)
+    assert r["rougeL"] == pytest.approx(5 / 6)
+
+
+@pytest.fixture(scope="module")
+def evaluated(prepared_session, rlhf_inputs, tmp_path_factory) -> tuple[Path, dict]:
+    """base, evaluate@base, evaluate@sft (both reward models = the tiny one), compare."""
+    work = tmp_path_factory.mktemp("eval")
+    params = tiny_params(prepared_session)
+    params["base"] = {"out": str(work / "base")}
+    params["evaluate"] = {
+        "data": str(prepared_session / "prepared"), "reference": str(rlhf_inputs / "sft"),
+        "policies": {"base": str(work / "base"), "sft": str(rlhf_inputs / "sft")},
+        "reward_models": {"classification": str(rlhf_inputs / "rm")}, "out": str(work / "eval"),
+        "metrics_dir": str(work / "metrics"), "max_prompt_length": 48, "max_length": 96,
+        "sample": {"max_new_tokens": 24, "batch_size": 16}}
+    params["compare"] = {"baseline": "base", "candidate": "sft", "metrics": str(work / "metrics" / "compare.json"),
+                         "plot": str(work / "metrics" / "compare.csv")}
+    for stage, args in (("base", ()), ("evaluate", ("--policy", "base")), ("evaluate", ("--policy", "sft")),
+                        ("compare", ())):
+        proc = run_stage(stage, params, work, args=args)
+        assert proc.returncode == 0, proc.stderr
+    return work, params
+
+
+def test_evaluate_writes_metrics_and_a_generations_table(evaluated):
+    work, _ = evaluated
+    m = json.loads((work / "metrics" / "eval_sft.json").read_text())
+    for key in ("score_classification", "score_classification_normalized", "gold", "gold_reference", "bleu",
+                "rouge1", "rouge2", "rougeL", "mean_tokens", "eos_rate", "kl_to_reference"):
+        assert key in m, key
+    assert m["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # the SFT policy is the reference
+    table = pd.read_parquet(work / "eval" / "sft" / "generations.parquet")
+    assert len(table) == m["questions"] > 0
+    assert {"question", "reference", "generated", "score_classification", "gold", "kl", "ended"} <= set(table.columns)
+    base = json.loads((work / "metrics" / "eval_base.json").read_text())
+    assert base["kl_to_reference"] > 1.0  # an untrained model is far from the SFT policy
+    assert m["gold"] > base["gold"]  # SFT answers beat random tokens on the hidden quality
+    assert (pd.read_parquet(work / "eval" / "base" / "generations.parquet")["question"] == table["question"]).all()
+
+
+def test_compare_reports_win_rates_by_judge(evaluated):
+    work, _ = evaluated
+    c = json.loads((work / "metrics" / "compare.json").read_text())["sft_vs_base"]
+    assert set(c["win_rate"]) == {"classification", "gold"}
+    assert c["win_rate"]["gold"] > 0.5
+    plot = pd.read_csv(work / "metrics" / "compare.csv")
+    assert list(plot.columns) == ["judge", "win_rate"] and set(plot["judge"]) == {"classification", "gold"}
+
+
+def test_gold_is_off_for_real_data(evaluated, tmp_path):
+    _, params = evaluated
+    params = json.loads(json.dumps(params))
+    params["data"]["source"] = str(tmp_path / "somewhere" / "Posts.xml")  # not the synthetic site
+    params["evaluate"]["metrics_dir"] = str(tmp_path)
+    params["evaluate"]["out"] = str(tmp_path / "eval")
+    proc = run_stage("evaluate", params, tmp_path, args=("--policy", "sft"))
+    assert proc.returncode == 0, proc.stderr
+    assert "gold" not in json.loads((tmp_path / "eval_sft.json").read_text())
+
+
+def _answer(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cqa_rlhf.answer", *args], capture_output=True, text=True,
+                          cwd=cwd, env=stage_env(), timeout=300)
+
+
+def test_answer_command(rlhf_inputs, tmp_path):
+    sft = str(rlhf_inputs / "sft")
+    first = _answer("--model", sft, "How do I sort a git branch?", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() and "Question:" not in first.stdout
+    again = _answer("--model", sft, "How do I sort a git branch?", cwd=tmp_path)
+    assert again.stdout == first.stdout  # seeded
+    bad = _answer("--model", str(tmp_path / "missing"), "How?", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path / 'missing'}: not an exported model directory (no config.json)"
+    empty = _answer("--model", sft, "   ", cwd=tmp_path)
+    assert empty.returncode == 2 and empty.stderr.strip() == "error: question is empty"
+    flag = _answer("--model", sft, "--temperature", "0", "Why?", cwd=tmp_path)
+    assert flag.returncode == 2 and flag.stderr.strip().startswith("error: --temperature:")
