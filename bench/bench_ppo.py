@@ -30,9 +30,10 @@ import yaml
 from cqa_rlhf.batches import LengthGroupedBatchSampler, ListDataset, PromptCollator, ResumableDataLoader
 from cqa_rlhf.config import ModelConfig, PPOConfig, PromptConfig, TrainerConfig
 from cqa_rlhf.data.tables import read_table
-from cqa_rlhf.models import build_model, build_policy, disable_dropout, load_frozen
+from cqa_rlhf.models import CausalLMWithValueHead, build_model, build_policy, disable_dropout, load_frozen
 from cqa_rlhf.ppo import PPOModule
 from cqa_rlhf.prompts import PromptFormatter
+from cqa_rlhf.reward import normalization
 from cqa_rlhf.tokenizer import load_tokenizer
 from cqa_rlhf.training import build_trainer
 
@@ -111,14 +112,12 @@ def main() -> None:
     ap.add_argument("--big-rollout", type=int, default=16, help="rollout batch of the 125M shape (CPU time)")
     ap.add_argument("--skip-big", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     print(f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     cfg = PPOConfig.model_validate(params["ppo"])
     tok = load_tokenizer(ROOT / params["tokenizer"]["out"])
 
-    from cqa_rlhf.reward import normalization
     rm = load_frozen(ROOT / cfg.reward_model, tok, "reward")
     policy = build_policy(ModelConfig(), tok, ROOT / cfg.sft_dir, cfg.critic, ROOT / cfg.reward_model)
     run("default", cfg, policy, load_frozen(ROOT / cfg.sft_dir, tok, "causal"), rm, tok, normalization(rm),
@@ -135,7 +134,6 @@ def main() -> None:
 
         ref = fresh("causal").eval().requires_grad_(False)
         rm_big = fresh("reward").eval().requires_grad_(False)
-        from cqa_rlhf.models import CausalLMWithValueHead
         pol = CausalLMWithValueHead(fresh("causal"))
         b = args.big_rollout
         cfg_big = cfg.model_copy(update={"rollout_batch_size": b, "mini_batch_size": b, "micro_batch_size": min(b, 8)})
