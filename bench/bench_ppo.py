@@ -12,6 +12,7 @@ Phases are timed by wrapping PPOModule.sample, .measure and .learn; "other" is t
 iteration (advantages, logging, Lightning). The first iteration is a warm-up and is not counted.
 
 Usage: python bench/bench_ppo.py [--iterations 4] [--big-iterations 3] [--big-rollout 16]
+       [--accelerator gpu --precision bf16-mixed]   (peak GPU memory is reported on CUDA)
 """
 
 from __future__ import annotations
@@ -76,14 +77,16 @@ class TimedPPO(PPOModule):
         self.rows.append(self._row)
 
 
-def run(name: str, cfg: PPOConfig, policy, ref, rm, tok, norm, iterations: int) -> dict:
+def run(name: str, cfg: PPOConfig, policy, ref, rm, tok, norm, iterations: int, trainer_cfg: TrainerConfig) -> dict:
     fmt = PromptFormatter(PromptConfig(), tok)
     rows = read_table(ROOT / "data/prepared/train/prompts").to_pylist()
     cfg = cfg.model_copy(update={"iterations": iterations, "eval_every": 10 ** 6})
     L.seed_everything(0, verbose=False)
     module = TimedPPO(policy, ref, rm, fmt, cfg, cfg.harness(), "bench", norm)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(TrainerConfig(), cfg.harness(), Path(tmp) / "live", Path(tmp) / "ckpt")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        trainer = build_trainer(trainer_cfg, cfg.harness(), Path(tmp) / "live", Path(tmp) / "ckpt")
         lengths = [len(fmt.encode_prompt(r["question"], cfg.max_prompt_length)) for r in rows]
         sampler = LengthGroupedBatchSampler(lengths, cfg.rollout_batch_size, 0, drop_last=True)
         train = ResumableDataLoader(ListDataset(rows), sampler, PromptCollator(), module.completed_in_epoch)
@@ -102,6 +105,8 @@ def run(name: str, cfg: PPOConfig, policy, ref, rm, tok, norm, iterations: int) 
     print(f"generated tokens/s (generation phase): {mean['generated_tokens'] / mean['generation']:.0f}; "
           f"mean answer {mean['generated_tokens'] / mean['samples']:.1f} tokens; "
           f"samples/s overall: {mean['samples'] / mean['total']:.2f}")
+    if torch.cuda.is_available():
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     return mean
 
 
@@ -111,9 +116,14 @@ def main() -> None:
     ap.add_argument("--big-iterations", type=int, default=3)
     ap.add_argument("--big-rollout", type=int, default=16, help="rollout batch of the 125M shape (CPU time)")
     ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--accelerator", default="cpu", help="cpu | gpu")
+    ap.add_argument("--precision", default="32-true", help="a Lightning precision, e.g. bf16-mixed")
     args = ap.parse_args()
+    trainer_cfg = TrainerConfig(accelerator=args.accelerator, precision=args.precision,
+                                deterministic=args.accelerator == "cpu")
     print(f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+          f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
+          f"{args.accelerator} {args.precision}")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     cfg = PPOConfig.model_validate(params["ppo"])
     tok = load_tokenizer(ROOT / params["tokenizer"]["out"])
@@ -121,7 +131,7 @@ def main() -> None:
     rm = load_frozen(ROOT / cfg.reward_model, tok, "reward")
     policy = build_policy(ModelConfig(), tok, ROOT / cfg.sft_dir, cfg.critic, ROOT / cfg.reward_model)
     run("default", cfg, policy, load_frozen(ROOT / cfg.sft_dir, tok, "causal"), rm, tok, normalization(rm),
-        args.iterations)
+        args.iterations, trainer_cfg)
 
     if not args.skip_big:
         big = ModelConfig(config={k: v for k, v in NEO_125M.items() if k != "vocab_size"})
@@ -137,7 +147,7 @@ def main() -> None:
         pol = CausalLMWithValueHead(fresh("causal"))
         b = args.big_rollout
         cfg_big = cfg.model_copy(update={"rollout_batch_size": b, "mini_batch_size": b, "micro_batch_size": min(b, 8)})
-        run("GPT-Neo-125M shape", cfg_big, pol, ref, rm_big, tok, (0.0, 1.0), args.big_iterations)
+        run("GPT-Neo-125M shape", cfg_big, pol, ref, rm_big, tok, (0.0, 1.0), args.big_iterations, trainer_cfg)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ step, and the rest (data loading, logging, Lightning). FLOPs per token are the u
 counts all processed tokens (pad included: they cost compute), "useful" only non-pad tokens.
 The machine's dense matmul FLOP/s is measured in the same run.
 
-Usage: python bench/bench_sft.py [--steps 60] [--big-steps 6]
+Usage: python bench/bench_sft.py [--steps 60] [--big-steps 6] [--accelerator gpu --precision bf16-mixed]
 """
 
 from __future__ import annotations
@@ -75,14 +75,22 @@ class StepTimer(L.Callback):
                           "tokens": t["tokens"], "real": t["real"], "T": t["T"]})
 
 
-def matmul_flops() -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def matmul_flops(device: str = "cpu") -> float:
+    """Dense float32 2048^3 matmul rate on ``device`` (the roofline the table compares with)."""
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
     for _ in range(3):
         a @ b
+    _sync(device)
     start = time.perf_counter()
     for _ in range(10):
         a @ b
+    _sync(device)
     return 2 * 2048**3 * 10 / (time.perf_counter() - start)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def flops_per_token(model, T: float) -> float:
@@ -91,7 +99,8 @@ def flops_per_token(model, T: float) -> float:
     return 6 * n + 12 * cfg.num_layers * cfg.hidden_size * T
 
 
-def run(name: str, model_config: dict, work: Path, tok, fmt, steps: int, batch_size: int, max_length: int) -> dict:
+def run(name: str, model_config: dict, work: Path, tok, fmt, steps: int, batch_size: int, max_length: int,
+        trainer_cfg: TrainerConfig) -> dict:
     L.seed_everything(0, verbose=False)
     cfg = SFTConfig(max_steps=steps, batch_size=batch_size, max_length=max_length, val_check_interval=10**6,
                     limit_val_batches=0, live_dir=str(work / f"live-{name}"), checkpoint_dir=str(work / f"ckpt-{name}"))
@@ -99,7 +108,9 @@ def run(name: str, model_config: dict, work: Path, tok, fmt, steps: int, batch_s
     model = build_model(ModelConfig(config=model_config), tok, "causal")
     module = SFTModule(model, cfg, "bench")
     timer = StepTimer()
-    trainer = build_trainer(TrainerConfig(), cfg, cfg.live_dir, cfg.checkpoint_dir, callbacks=[timer])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer = build_trainer(trainer_cfg, cfg, cfg.live_dir, cfg.checkpoint_dir, callbacks=[timer])
     loader = ResumableDataLoader(ListDataset(items), LengthGroupedBatchSampler(
         [len(x["input_ids"]) for x in items], batch_size, 0), CausalLMCollator(tok.pad_token_id), module.completed_in_epoch)
     val = eval_loader(items[:8], 8, tok.pad_token_id)
@@ -116,14 +127,20 @@ def run(name: str, model_config: dict, work: Path, tok, fmt, steps: int, batch_s
     return {"name": name, "epoch_pad_frac": 1 - sum(lengths) / padded, "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "steps": len(rows),
             "step_s": step / len(rows), "real_tok_s": real / step, "pad_frac": 1 - real / tokens,
             "fwd": fwd / step, "bwd": bwd / step, "opt": opt / step, "other": 1 - (fwd + bwd + opt) / step,
-            "achieved": fpt * tokens / step, "useful": fpt * real / step}
+            "achieved": fpt * tokens / step, "useful": fpt * real / step,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--big-steps", type=int, default=6)
+    ap.add_argument("--accelerator", default="cpu", help="cpu | gpu (then the matmul roofline is the GPU's)")
+    ap.add_argument("--precision", default="32-true", help="a Lightning precision, e.g. bf16-mixed")
     args = ap.parse_args()
+    trainer_cfg = TrainerConfig(accelerator=args.accelerator, precision=args.precision,
+                                deterministic=args.accelerator == "cpu")
+    device = "cuda" if args.accelerator in ("gpu", "cuda") else "cpu"
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -131,21 +148,24 @@ def main() -> None:
         prepare(DataConfig(source=str(work / "raw"), out=str(work / "prepared")))
         tok = train_bpe(training_texts(work / "prepared"), TokenizerConfig(**params["tokenizer"]), 2048)
         fmt = PromptFormatter(PromptConfig(**params["prompt"]), tok)
-        peak = matmul_flops()
+        peak = matmul_flops(device)
         sft = params["sft"]
-        results = [run("default", params["model"]["config"], work, tok, fmt, args.steps, sft["batch_size"], sft["max_length"]),
-                   run("gpt-neo-125M shape", NEO_125M, work, tok, fmt, args.big_steps + 2, sft["batch_size"], sft["max_length"])]
-        peak2 = matmul_flops()
-    print(f"\nmachine: {os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; dense fp32 matmul 2048³: {peak / 1e9:.0f} GFLOP/s "
+        results = [run("default", params["model"]["config"], work, tok, fmt, args.steps, sft["batch_size"],
+                       sft["max_length"], trainer_cfg),
+                   run("gpt-neo-125M shape", NEO_125M, work, tok, fmt, args.big_steps + 2, sft["batch_size"],
+                       sft["max_length"], trainer_cfg)]
+        peak2 = matmul_flops(device)
+    card = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    print(f"\nmachine: {os.cpu_count()} cores, {platform.machine()}{card}, {args.precision}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; dense fp32 matmul 2048³ on {device}: {peak / 1e9:.0f} GFLOP/s "
           f"(again after: {peak2 / 1e9:.0f})")
     print("| config | params (M) | steps timed | s/step | non-pad tok/s | pad frac (timed / epoch) | fwd | bwd | optim "
-          "| other | achieved GFLOP/s (% of matmul) | useful GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| other | achieved GFLOP/s (% of matmul) | useful GFLOP/s | peak GPU memory (GiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['name']} | {r['params_M']:.1f} | {r['steps']} | {r['step_s']:.3f} | {r['real_tok_s']:.0f} | "
               f"{r['pad_frac']:.3f} / {r['epoch_pad_frac']:.3f} | {r['fwd']:.0%} | {r['bwd']:.0%} | {r['opt']:.0%} | {r['other']:.0%} | "
-              f"{r['achieved'] / 1e9:.1f} ({r['achieved'] / peak:.0%}) | {r['useful'] / 1e9:.1f} |")
+              f"{r['achieved'] / 1e9:.1f} ({r['achieved'] / peak:.0%}) | {r['useful'] / 1e9:.1f} | {r['peak_gib']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -78,3 +78,96 @@ def test_section_must_be_mapping(tmp_path):
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="params file not found"):
         load_section(tmp_path / "nope.yaml", "data", DataConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer settings, DVC-written floats, presets
+# --------------------------------------------------------------------------------------------
+def test_every_section_of_the_repo_params_loads():
+    from cqa_rlhf.config import SECTIONS, read_params
+
+    assert set(read_params(ROOT / "params.yaml")) == set(SECTIONS)
+    for name, model in SECTIONS.items():
+        load_section(ROOT / "params.yaml", name, model)
+
+
+def test_strategy_and_precision_are_lightning_names():
+    from typing import get_args
+
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from cqa_rlhf.config import Precision, Strategy, TrainerConfig
+
+    assert set(get_args(Strategy)) - {"auto"} <= set(StrategyRegistry.available_strategies())
+    for bad, key in (({"strategy": "fdsp"}, "trainer.strategy"), ({"precision": "bf16"}, "trainer.precision")):
+        with pytest.raises(ConfigError) as exc:
+            parse_section({"trainer": bad}, "trainer", TrainerConfig, "p.yaml")
+        assert str(exc.value).startswith(f"p.yaml: {key}: ") and "\n" not in str(exc.value)
+    assert "bf16-mixed" in get_args(Precision)
+
+
+def test_floats_written_by_dvc_are_floats(tmp_path):
+    """DVC (ruamel, YAML 1.2) writes 0.00002 as `2e-05`, a string to plain PyYAML."""
+    from cqa_rlhf.config import SFTConfig, read_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("sft:\n  lr: 2e-05\n  weight_decay: 1E-2\n  seed: 3\n")
+    cfg = parse_section(read_params(path), "sft", SFTConfig, path)
+    assert cfg.lr == 2e-05 and cfg.weight_decay == 0.01 and cfg.seed == 3
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "presets").glob("*.yaml")), ids=lambda p: p.stem)
+def test_presets_check_against_params_and_print_dvc_flags(preset):
+    from cqa_rlhf.presets import preset_flags
+
+    flags = preset_flags(preset, ROOT / "params.yaml")
+    assert flags and all(f.startswith("-S ") and " " not in f[3:] for f in flags)
+    assert any(f.startswith("-S trainer.precision=bf16-mixed") for f in flags)
+
+
+def test_preset_with_an_unknown_key_or_section_is_refused(tmp_path):
+    from cqa_rlhf.presets import preset_flags
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"sft\.learning_rate: unknown key"):
+        preset_flags(bad, ROOT / "params.yaml")
+    bad.write_text("trainer:\n  strategy: fdsp\n")
+    with pytest.raises(ConfigError, match=r"trainer\.strategy"):
+        preset_flags(bad, ROOT / "params.yaml")
+    bad.write_text("sfft:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"sfft"):
+        preset_flags(bad, ROOT / "params.yaml")
+
+
+def test_a_preset_applied_by_dvc_exp_run_gives_valid_params(tmp_path):
+    """The printed flags through real `dvc exp run` (a one-stage graph over params.yaml): the
+    params file DVC writes loads into every typed config and holds the preset's values."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import stage_env
+    from cqa_rlhf.config import SECTIONS, read_params
+    from cqa_rlhf.presets import preset_flags
+
+    preset = ROOT / "presets" / "gpt-neo-1.3b-8gpu-fsdp.yaml"
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  show:\n    cmd: python -c pass\n    params:\n      - model\n")
+    env = stage_env()
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    for cmd in (["git", "init", "-q"], dvc + ["init", "-q"], dvc + ["config", "core.analytics", "false"],
+                ["git", "add", "-A"], ["git", "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "i"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    flags = [part for f in preset_flags(preset, tmp_path / "params.yaml") for part in f.split(" ", 1)]
+    proc = subprocess.run(dvc + ["exp", "run", *flags], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    params = read_params(tmp_path / "params.yaml")
+    for name, model in SECTIONS.items():
+        load_section(tmp_path / "params.yaml", name, model)
+    want = yaml.safe_load(preset.read_text())
+    assert params["sft"]["lr"] == want["sft"]["lr"] == 2e-05  # written by DVC as `2e-05`
+    assert params["ppo"]["trainer"] == {"log_every_n_steps": 1, "strategy": "ddp"}
+    assert params["trainer"]["strategy"] == "fsdp" and params["model"]["gradient_checkpointing"] is True

@@ -223,3 +223,48 @@ def test_same_params_twice_give_byte_identical_metrics(repo):
     for name in names:
         assert (fresh / "metrics" / name).read_bytes() == (repo / "metrics" / name).read_bytes(), name
     assert json.loads(_dvc("metrics", "diff", "--json", cwd=fresh).stdout or "{}") == {}
+
+
+@pytest.mark.slow
+def test_killed_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo):
+    """A crash in the middle of `dvc repro` (the whole process group SIGKILLed while `ppo` trains,
+    after its first checkpoint), then `dvc repro` again: ppo resumes and the metrics downstream
+    are the bytes an uninterrupted `dvc repro` writes."""
+    import os
+    import signal
+    import time
+
+    import torch
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["ppo"].update(iterations=30, eval_every=5, samples_every=5)  # long enough to interrupt
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "commit", "-qam", "30 ppo iterations"], repo)
+    whole = repo.parent / "whole"
+    _run(["git", "clone", "-q", str(repo), str(whole)], repo.parent)
+    shutil.copytree(repo / ".dvc" / "cache", whole / ".dvc" / "cache", dirs_exist_ok=True)
+    _dvc("checkout", cwd=whole)
+    assert _ran(_dvc("repro", cwd=whole)) == {"ppo", "evaluate@ppo", "compare"}
+
+    env = {**stage_env(), "PYTHONPATH": str(repo / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The committed 2-iteration run left a last.ckpt: wait for one written by this run.
+    last, deadline = repo / "checkpoints" / "ppo" / "last.ckpt", time.time() + 300
+    old = last.stat().st_mtime_ns if last.exists() else 0
+    while proc.poll() is None and time.time() < deadline and not (last.exists() and last.stat().st_mtime_ns > old):
+        time.sleep(0.05)
+    time.sleep(0.5)  # the checkpoint is written atomically; let the iteration after it start
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = repo / "metrics" / "ppo.json"
+    assert not done.exists() or done.read_bytes() != (whole / "metrics" / "ppo.json").read_bytes()
+    saved = torch.load(last, weights_only=True)
+    assert 5 <= saved["cqa_ppo"]["iteration"] < 30
+
+    again = _dvc("repro", cwd=repo)
+    assert "ppo: resuming from" in again.stderr
+    assert _ran(again) == {"ppo", "evaluate@ppo", "compare"}
+    for name in ("ppo.json", "eval_ppo.json", "compare.json"):
+        assert (repo / "metrics" / name).read_bytes() == (whole / "metrics" / name).read_bytes(), name
+    assert (repo / "models/ppo/model.safetensors").read_bytes() == (whole / "models/ppo/model.safetensors").read_bytes()

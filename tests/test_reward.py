@@ -109,3 +109,46 @@ def test_tiny_reward_run_beats_the_untrained_head_and_exports(tmp_path, pairs_da
     mean, std = normalization(model)
     assert mean == pytest.approx(m["score_mean_sft_train"], abs=1e-5) and std > 0
     assert math.isfinite(m["mean_margin"]) and 0 <= m["length_baseline_accuracy"] <= 1
+
+
+def test_killed_reward_stage_resumes_and_matches_an_uninterrupted_run(tmp_path, pairs_data):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from conftest import stage_env
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = dict(max_steps=40, val_check_interval=10, center_coef=0.01)
+    full.mkdir()
+    cut.mkdir()
+    proc = run_stage("reward", _reward_params(pairs_data, full, "classification", **args), full,
+                     args=("--kind", "classification"))
+    assert proc.returncode == 0, proc.stderr
+
+    params = _reward_params(pairs_data, cut, "classification", **args)
+    (cut / "params.yaml").write_text(yaml.safe_dump(params))
+    run = subprocess.Popen([sys.executable, "-m", "cqa_rlhf.stages.reward", "--params", str(cut / "params.yaml"),
+                            "--kind", "classification"], cwd=cut, env=stage_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (cut / "ckpt" / "last.ckpt").exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # let the checkpoint finish writing (it is written atomically)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not (cut / "classification.json").exists(), "the run finished before it could be interrupted"
+    step = torch.load(cut / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
+    assert 10 <= step < 40
+
+    resumed = run_stage("reward", params, cut, args=("--kind", "classification"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    assert (cut / "classification.json").read_bytes() == (full / "classification.json").read_bytes()
+    assert (cut / "classification" / "model.safetensors").read_bytes() == \
+        (full / "classification" / "model.safetensors").read_bytes()
+    curve = Path("plots/metrics/val/accuracy.tsv")
+    assert (cut / "live" / curve).read_text() == (full / "live" / curve).read_text()  # no gap, no repeats

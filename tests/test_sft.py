@@ -102,6 +102,29 @@ def test_factory_variants(tok):
     assert logits.shape == (1, 3, len(tok)) and values.shape == (1, 3) and torch.all(values == 0)
 
 
+@pytest.mark.parametrize("kind", ["causal", "reward"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tok, kind):
+    from cqa_rlhf.reward import reward_forward
+    from cqa_rlhf.sft import token_loss_sums
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, tok.pad_token_id, tok.pad_token_id]])
+    batch = {"input_ids": ids, "attention_mask": (ids != tok.pad_token_id).long(), "labels": ids.clone()}
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(config=TINY_MODEL, gradient_checkpointing=checkpointing), tok, kind).train()
+        assert model.is_gradient_checkpointing == checkpointing
+        if kind == "causal":
+            loss = token_loss_sums(model, batch)[0]
+        else:
+            loss = reward_forward(model, batch["input_ids"], batch["attention_mask"]).pow(2).sum()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain, g0), (ckpt, g1) = results
+    assert torch.allclose(plain, ckpt) and g0.keys() == g1.keys() and len(g0) > 10
+    assert all(torch.allclose(g0[n], g1[n], atol=1e-6) for n in g0)
+
+
 def test_pretrained_path_through_a_local_directory(tmp_path, tok):
     """The hub code path (`from_pretrained(name)`) exercised offline with a save_pretrained dir."""
     src = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=len(tok), **TINY_MODEL))

@@ -1,6 +1,6 @@
 """Batch shapes and samplers shared by the training stages (one collator per batch shape).
 
-``LengthGroupedBatchSampler`` puts sequences of similar length together, so dynamic padding
+``LengthGroupedBatchSampler`` puts training sequences of similar length together, so dynamic padding
 wastes little compute on pad tokens, and it is resumable: its position inside an epoch is part of
 every Lightning checkpoint (through :class:`ResumableDataLoader`), so an interrupted run continues
 with exactly the batches it would have seen.
@@ -66,17 +66,20 @@ class PromptCollator:
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
-    """Shuffled batches of similar-length items, deterministic in (seed, epoch).
+    """Training batches of similar-length items, shuffled, deterministic in (seed, epoch).
 
     Each epoch: a seeded permutation is cut into mega-batches of ``group`` batches, each sorted
-    by length and cut into batches; the batches are then shuffled. With ``world_size > 1`` every
-    rank takes every ``world_size``-th batch (the tail that does not divide evenly is dropped so
-    all ranks step together).
+    by length and cut into batches; the batches are then shuffled. ``batch_size`` is per
+    process: with ``world_size`` W the *global* batches (``batch_size * W`` items) are made
+    exactly as a single process with that batch size makes them, and rank r takes items r, r+W,
+    ... of each. So a run on W processes sees the same global batches as one process with a W
+    times larger batch. A global batch with fewer than W items (the epoch's tail) is dropped so
+    every rank has an item; with ``drop_last`` every global batch is full.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,
-                 group: int = 50, rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
-        self.lengths, self.batch_size, self.seed, self.shuffle = list(lengths), batch_size, seed, shuffle
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group: int = 50, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = False) -> None:
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
         self.group, self.rank, self.world_size, self.drop_last = group, rank, world_size, drop_last
         self.epoch = 0
         self.skip = 0  # batches of ``epoch`` already consumed (set when resuming)
@@ -87,23 +90,18 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def _batches(self) -> list[list[int]]:
+        size = self.batch_size * self.world_size  # the global batch
         idx = list(range(len(self.lengths)))
-        if not self.shuffle:
-            idx.sort(key=lambda i: (-self.lengths[i], i))
-            batches = [idx[i: i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
-        else:
-            rng = random.Random(self.seed * 100003 + self.epoch)
-            rng.shuffle(idx)
-            mega = self.batch_size * self.group
-            batches = []
-            for m in range(0, len(idx), mega):
-                chunk = sorted(idx[m: m + mega], key=lambda i: (-self.lengths[i], i))
-                batches.extend(chunk[i: i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
-            rng.shuffle(batches)
-        if self.drop_last:  # every batch full (PPO: a fixed number of optimizer steps per iteration)
-            batches = [b for b in batches if len(b) == self.batch_size]
-        usable = len(batches) - len(batches) % self.world_size if self.world_size > 1 else len(batches)
-        return batches[self.rank: usable: self.world_size]
+        rng = random.Random(self.seed * 100003 + self.epoch)
+        rng.shuffle(idx)
+        mega = size * self.group
+        batches = []
+        for m in range(0, len(idx), mega):
+            chunk = sorted(idx[m: m + mega], key=lambda i: (-self.lengths[i], i))
+            batches.extend(chunk[i: i + size] for i in range(0, len(chunk), size))
+        rng.shuffle(batches)
+        keep = size if self.drop_last else self.world_size  # fewest items a kept global batch holds
+        return [b[self.rank:: self.world_size] for b in batches if len(b) >= keep]
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._batches()
@@ -111,8 +109,27 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         yield from batches[skip:]
 
     def __len__(self) -> int:
-        n = -(-len(self.lengths) // self.batch_size) if not self.shuffle and not self.drop_last else len(self._batches())
-        return n // self.world_size if not self.shuffle and self.world_size > 1 else n
+        return len(self._batches())
+
+
+class EvalBatchSampler(Sampler[list[int]]):
+    """Fixed evaluation batches: in order, or longest first when ``lengths`` are given (less
+    padding). With ``world_size`` W, rank r takes items r, r+W, ... of every batch (a batch with
+    fewer than W items leaves some ranks without a share of it): every item is evaluated once,
+    every rank gets a share of the first batch (Lightning needs one batch per rank), and sums
+    reduced over ranks equal one process's sums over the same batches."""
+
+    def __init__(self, n: int, batch_size: int, lengths: Sequence[int] | None = None, rank: int = 0,
+                 world_size: int = 1) -> None:
+        order = sorted(range(n), key=lambda i: (-lengths[i], i)) if lengths is not None else list(range(n))
+        shares = (order[i: i + batch_size][rank:: world_size] for i in range(0, n, batch_size))
+        self.batches = [b for b in shares if b]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 class ResumableDataLoader(DataLoader):

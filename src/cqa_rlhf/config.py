@@ -7,6 +7,7 @@ dotted path instead of silently falling back to a default. No raw dicts travel p
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -119,6 +120,17 @@ class DataConfig(Section):
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads ``2e-05`` as a float. PyYAML follows YAML 1.1,
+    where a float needs a dot; DVC writes params with ruamel (YAML 1.2), so
+    ``dvc exp run -S sft.lr=0.00002`` leaves ``lr: 2e-05`` in params.yaml, which plain
+    ``yaml.safe_load`` returns as the *string* '2e-05'."""
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def read_params(path: str | Path) -> dict:
     path = Path(path)
     try:
@@ -128,7 +140,7 @@ def read_params(path: str | Path) -> dict:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not valid UTF-8 at byte {exc.start}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=ParamsLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -195,6 +207,9 @@ class ModelConfig(Section):
     name: str | None = None
     config: dict[str, int | float | str | bool | list] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded
+    # Trained models recompute each block's activations in backward: ~1/3 more compute, the
+    # activation memory of one block instead of all (README, "Scaling out").
+    gradient_checkpointing: bool = False
 
 
 class TokenizerConfig(Section):
@@ -205,14 +220,28 @@ class TokenizerConfig(Section):
     pad_token: str = "<|pad|>"  # distinct from EOS (TRL #1623, #734)
 
 
-class TrainerConfig(Section):
-    """Lightning ``Trainer`` settings shared by every training stage (a stage may override)."""
+# Lightning's names (a test checks them against its registries). Strategies: data parallel
+# (ddp*), sharded (fsdp*, deepspeed_stage_3*: weights, gradients and optimizer state split over
+# the processes; GPU only), DeepSpeed ZeRO 1/2 (optimizer state / gradients split).
+Strategy = Literal[
+    "auto", "single_device", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true",
+    "fsdp", "fsdp_cpu_offload", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
+    "deepspeed_stage_3", "deepspeed_stage_3_offload"]
+# 32-true: float32. *-mixed: float32 weights, matmuls in 16 bits under autocast (16-mixed needs
+# a GPU; bf16-mixed also runs on CPU). *-true: weights in 16 bits too.
+Precision = Literal["64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
+Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
 
-    accelerator: str = "cpu"
+
+class TrainerConfig(Section):
+    """Lightning ``Trainer`` settings shared by every training stage (a stage may override).
+    ``devices`` counts processes per node; batch sizes in the stage sections are per process."""
+
+    accelerator: Accelerator = "cpu"
     devices: int | str | list[int] = 1
-    strategy: str = "auto"
+    strategy: Strategy = "auto"
     num_nodes: int = Field(1, ge=1)
-    precision: str = "32-true"
+    precision: Precision = "32-true"
     deterministic: bool = True
     log_every_n_steps: int = Field(20, ge=1)  # DVCLive costs ~7 ms a call: keep it >= 20
 
@@ -220,11 +249,11 @@ class TrainerConfig(Section):
 class TrainerOverride(Section):
     """A stage's own ``trainer:`` subsection: set keys replace the shared section's."""
 
-    accelerator: str | None = None
+    accelerator: Accelerator | None = None
     devices: int | str | list[int] | None = None
-    strategy: str | None = None
+    strategy: Strategy | None = None
     num_nodes: int | None = Field(None, ge=1)
-    precision: str | None = None
+    precision: Precision | None = None
     deterministic: bool | None = None
     log_every_n_steps: int | None = Field(None, ge=1)
 
@@ -454,3 +483,11 @@ class CompareConfig(Section):
     candidate: str = "ppo"
     metrics: str = "metrics/compare.json"
     plot: str = "metrics/compare_win_rate.csv"
+
+
+# Every section of params.yaml and its typed config (presets are checked against all of them).
+SECTIONS: dict[str, type[Section]] = {
+    "synth": SynthConfig, "data": DataConfig, "prompt": PromptConfig, "model": ModelConfig,
+    "tokenizer": TokenizerConfig, "trainer": TrainerConfig, "sft": SFTConfig, "reward": RewardConfig,
+    "ppo": PPOConfig, "base": BaseConfig, "evaluate": EvaluateConfig, "compare": CompareConfig,
+}

@@ -51,6 +51,14 @@ def _tie_to_tokenizer(m: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     return m
 
 
+def _checkpointing(m: PreTrainedModel, model: ModelConfig) -> PreTrainedModel:
+    """Gradient checkpointing (active in training mode only; generation keeps its KV cache).
+    Non-reentrant: works with frozen inputs and under DDP."""
+    if model.gradient_checkpointing:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return m
+
+
 def build_model(model: ModelConfig, tokenizer: PreTrainedTokenizerBase, kind: Kind,
                 init_from: str | Path | None = None) -> nn.Module:
     source = str(init_from) if init_from is not None else model.name
@@ -61,7 +69,7 @@ def build_model(model: ModelConfig, tokenizer: PreTrainedTokenizerBase, kind: Ki
                                                    trust_remote_code=False)
         else:
             lm = GPTNeoForCausalLM(fresh_config(model, tokenizer)).to(dtype)
-        lm = _tie_to_tokenizer(lm, tokenizer)
+        lm = _checkpointing(_tie_to_tokenizer(lm, tokenizer), model)
         return lm if kind == "causal" else CausalLMWithValueHead(lm)
     new_head = True
     if source is not None:
@@ -73,7 +81,7 @@ def build_model(model: ModelConfig, tokenizer: PreTrainedTokenizerBase, kind: Ki
         config = fresh_config(model, tokenizer)
         config.num_labels = 1
         rm = GPTNeoForSequenceClassification(config).to(dtype)
-    rm = _tie_to_tokenizer(rm, tokenizer)
+    rm = _checkpointing(_tie_to_tokenizer(rm, tokenizer), model)
     if new_head:  # N(0, 1/sqrt(d+1)) as in the RLHF literature (NID #15), not the LM's init
         nn.init.normal_(rm.score.weight, std=1 / math.sqrt(rm.config.hidden_size + 1))
     return rm

@@ -163,6 +163,10 @@ class PPOModule(HarnessModule):
     def iteration_seed(self, iteration: int) -> int:
         return self.cfg.seed * 1_000_003 + iteration
 
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the data-parallel processes (``x`` itself with one process)."""
+        return self.trainer.strategy.reduce(x.clone(), reduce_op="sum") if self.trainer.world_size > 1 else x
+
     # ---- rollouts --------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, questions: list[str], seed: int) -> tuple[list[Generation], Sequences]:
@@ -181,19 +185,26 @@ class PPOModule(HarnessModule):
         cfg, t = self.cfg, self.cfg.sample.temperature
         was_training = self.model.training
         self.model.eval()
+        # In micro-batches: the logits of a whole rollout batch ([B, P+R, V] in float32) would
+        # be the largest tensor of the run (4.9 GB for 64 x 384 tokens of GPT-Neo's vocabulary).
         if with_values:
-            _, logprobs, values = policy_outputs(self.model, seq, t)
+            logprobs, values = (torch.cat(parts) for parts in zip(*(
+                policy_outputs(self.model, chunk, t)[1:] for chunk in self._chunks(seq))))
         else:
-            logprobs = reference_logprobs(self.model.lm, seq, t)
+            logprobs = torch.cat([reference_logprobs(self.model.lm, chunk, t) for chunk in self._chunks(seq)])
             values = torch.zeros_like(logprobs)
         self.model.train(was_training)
-        ref_logprobs = reference_logprobs(self.frozen["ref"], seq, t)
+        ref_logprobs = torch.cat([reference_logprobs(self.frozen["ref"], chunk, t) for chunk in self._chunks(seq)])
         answers = [g.text for g in gens]
         raw = torch.tensor(score(self.frozen["rm"], self.fmt, list(zip(questions, answers)), cfg.max_length,
                                  cfg.sample.batch_size), device=self.device)
         ended = torch.tensor([g.ended for g in gens], device=self.device)
         return Rollout(questions, answers, seq, ended, raw, shape_scores(raw, ended, *self.norm, cfg),
                        logprobs * seq.mask, ref_logprobs * seq.mask, values * seq.mask)
+
+    def _chunks(self, seq: Sequences) -> list[Sequences]:
+        n, size = seq.input_ids.shape[0], self.cfg.micro_batch_size
+        return [seq.select(torch.arange(i, min(i + size, n), device=seq.input_ids.device)) for i in range(0, n, size)]
 
     def rollout(self, questions: list[str], seed: int, with_values: bool = True) -> Rollout:
         gens, seq = self.sample(questions, seed)
@@ -203,7 +214,9 @@ class PPOModule(HarnessModule):
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
         cfg = self.cfg
         it = self.iteration + 1
-        seed = self.iteration_seed(it)
+        world = self.trainer.world_size
+        # Every process draws its own answers (its share of the global batch of prompts).
+        seed = self.iteration_seed(it) + 1_000_000_007 * self.global_rank
 
         # 1. Rollout: sample answers, log-probs and values at sampling time, reference
         #    log-probs, reward-model scores (normalised, EOS penalty, clipping).
@@ -217,9 +230,9 @@ class PPOModule(HarnessModule):
         kl = kl_per_token(ro.logprobs, ro.ref_logprobs, cfg.kl.estimator) * mask  # [B, R]
         rewards = token_rewards(ro.scores, kl, mask, beta)
 
-        # 3. GAE, then advantages whitened once over the whole rollout batch.
+        # 3. GAE, then advantages whitened once over the whole rollout batch (every process's).
         advantages, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, all_sum=self.all_sum if world > 1 else None)
         self._finite(it, rewards=rewards, advantages=advantages, returns=returns)
 
         # 4. ppo_epochs passes of clipped policy and value updates.
@@ -228,8 +241,8 @@ class PPOModule(HarnessModule):
         # 5. KL controller, on the KL averaged over every process's rollouts.
         n = len(ro.questions)
         seq_kl = kl.sum(1)  # [B] nats per sequence
-        mean_kl = self.trainer.strategy.reduce(seq_kl.mean().detach(), reduce_op="mean")
-        self.kl_ctl.update(float(mean_kl), n * self.trainer.world_size)
+        mean_kl = self.trainer.strategy.reduce(seq_kl.mean().detach(), reduce_op="mean")  # equal shares
+        self.kl_ctl.update(float(mean_kl), n * world)
         self.iteration = it
 
         # 6. Statistics, with TRL's names.
@@ -239,17 +252,23 @@ class PPOModule(HarnessModule):
             "objective/non_score_reward": non_score.mean(), "objective/rlhf_reward": (ro.scores + non_score).mean(),
             "objective/scores": ro.scores.mean(), "objective/raw_scores": ro.raw_scores.mean(),
             "objective/beta": torch.tensor(beta), "rollout/response_length": mask.sum(1).mean(),
-            "rollout/eos_rate": ro.ended.float().mean(), "val/num_eos_tokens": ro.ended.float().sum(),
+            "rollout/eos_rate": ro.ended.float().mean(),
             "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0]),
             "step": torch.tensor(float(it)),  # Lightning takes a logged `step` as the curves' x: the iteration
             **stats,
         }
         self.log_dict({k: v.float() for k, v in logged.items()}, on_step=True, on_epoch=False,
-                      sync_dist=self.trainer.world_size > 1, batch_size=n)
+                      sync_dist=world > 1, batch_size=n)  # means over processes (equal shares)
+        self.log("val/num_eos_tokens", ro.ended.float().sum(), on_step=True, on_epoch=False,
+                 sync_dist=world > 1, reduce_fx="sum", batch_size=n)  # a count: summed over processes
 
     def learn(self, ro: Rollout, advantages: torch.Tensor, returns: torch.Tensor, it: int) -> dict[str, torch.Tensor]:
         """``ppo_epochs`` passes over shuffled minibatches; each minibatch is one optimizer step,
-        accumulated over micro-batches. Returns the mean of each statistic."""
+        accumulated over micro-batches. The losses are token means over the minibatch -- over
+        every process's share of it: a micro-batch's token-mean loss is weighted by its tokens
+        times W / (the minibatch's tokens over all processes), so gradient accumulation and
+        data parallelism change memory and speed, never the update. Returns the mean of each
+        statistic."""
         cfg = self.cfg
         opt, sched = self.optimizers(), self.lr_schedulers()
         gen = torch.Generator().manual_seed(self.iteration_seed(it))
@@ -261,6 +280,7 @@ class PPOModule(HarnessModule):
             order = torch.randperm(n, generator=gen).to(self.device)
             for start in range(0, n, cfg.mini_batch_size):
                 mini = order[start: start + cfg.mini_batch_size]
+                weight = self.global_weight(ro.seq.mask[mini].sum())  # W / tokens of the global minibatch
                 opt.zero_grad()
                 for m0 in range(0, len(mini), cfg.micro_batch_size):
                     idx = mini[m0: m0 + cfg.micro_batch_size]
@@ -269,7 +289,7 @@ class PPOModule(HarnessModule):
                     pl, pst = policy_loss(logp, ro.logprobs[idx], advantages[idx], seq.mask, cfg.cliprange)
                     vl, vst = value_loss(values, ro.values[idx], returns[idx], seq.mask, cfg.cliprange_value)
                     self._finite(it, **{"loss/policy": pl, "loss/value": vl})
-                    self.manual_backward((pl + cfg.vf_coef * vl) * len(idx) / len(mini))
+                    self.manual_backward((pl + cfg.vf_coef * vl) * (seq.mask.sum() * weight).float())
                     with torch.no_grad():
                         ent = masked_mean(entropy_from_logits(logits, cfg.sample.temperature), seq.mask)
                     for k, v in (("policy/approxkl_avg", pst["approxkl"]), ("policy/clipfrac_avg", pst["clipfrac"]),
@@ -313,8 +333,11 @@ class PPOModule(HarnessModule):
                 for q, a, s, e in zip(ro.questions, ro.answers, ro.raw_scores.tolist(), ro.ended.tolist())]
 
     def on_validation_epoch_end(self) -> None:
-        sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._eval.items()}
-        result = eval_means(sums)
+        # Every process evaluates every held-out prompt with the same weights and seeds, so the
+        # sums are complete and equal on every process: nothing to reduce. (64 prompts every
+        # eval_every iterations: cheap next to training, and no process is ever left without a
+        # batch when the held-out set is one batch.)
+        result = eval_means(self._eval)
         self._finite(self.iteration, **{f"eval/{k}": torch.tensor(v) for k, v in result.items()})
         self.log_dict({**{f"eval/{k}": torch.tensor(v, dtype=torch.float32) for k, v in result.items()},
                        "step": torch.tensor(float(self.iteration))}, sync_dist=False)

@@ -10,6 +10,7 @@ PPO"; [TRL] TRL's last PPO trainer.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -41,10 +42,23 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(x - mean) / std over masked positions, 0 where ``mask`` is 0. With ``shift_mean`` False
-    the mean is added back (TRL whitens rewards that way); advantages are shifted [TRL]."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    the mean is added back (TRL whitens rewards that way); advantages are shifted [TRL].
+
+    ``all_sum`` sums a tensor over data-parallel processes: then mean and (unbiased) variance
+    are those of every process's masked positions together, so W processes whiten exactly as one
+    process holding all their rollouts would."""
+    if all_sum is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        m = mask.to(x.dtype)
+        sums = all_sum(torch.stack([(x * m).sum(), m.sum()]))  # [2]: sum of x, count
+        n = sums[1].clamp(min=1)
+        mean = sums[0] / n
+        var = all_sum(((x - mean) ** 2 * m).sum()) / n
+        var = var * n / (n - 1) if sums[1] >= 2 else torch.zeros_like(var)
     white = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         white = white + mean

@@ -135,9 +135,7 @@ class RegressionModule(_ValAccumulator):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         pred = reward_forward(self.model, batch["input_ids"], batch["attention_mask"])
-        loss = regression_loss(pred, batch["target"], self.loss_kind)
-        self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=pred.shape[0])
-        return loss
+        return self.train_loss(regression_loss(pred, batch["target"], self.loss_kind), pred.shape[0])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         pred = reward_forward(self.model, batch["input_ids"], batch["attention_mask"])
@@ -169,9 +167,7 @@ class PairwiseModule(_ValAccumulator):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         rc, rr = self._rewards(batch)
-        loss = self._loss(rc, rr, batch["margin"])
-        self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=rc.shape[0])
-        return loss
+        return self.train_loss(self._loss(rc, rr, batch["margin"]), rc.shape[0])  # mean over the global batch's pairs
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         rc, rr = self._rewards(batch)

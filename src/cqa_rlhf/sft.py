@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from cqa_rlhf.batches import CausalLMCollator, LengthGroupedBatchSampler, ListDataset
+from cqa_rlhf.batches import CausalLMCollator, EvalBatchSampler, ListDataset
 from cqa_rlhf.config import TrainConfig
 from cqa_rlhf.prompts import IGNORE_INDEX, PromptFormatter
 from cqa_rlhf.training import HarnessModule
@@ -35,8 +35,9 @@ def token_loss_sums(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> t
     return loss, (labels != IGNORE_INDEX).sum()
 
 
-def eval_loader(items: list[dict], batch_size: int, pad_token_id: int) -> DataLoader:
-    sampler = LengthGroupedBatchSampler([len(x["input_ids"]) for x in items], batch_size, seed=0, shuffle=False)
+def eval_loader(items: list[dict], batch_size: int, pad_token_id: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Longest-first batches; with ``world_size`` > 1 this rank's share of them (validation in the fit)."""
+    sampler = EvalBatchSampler(len(items), batch_size, [len(x["input_ids"]) for x in items], rank, world_size)
     return DataLoader(ListDataset(items), batch_sampler=sampler, collate_fn=CausalLMCollator(pad_token_id))
 
 
@@ -65,9 +66,7 @@ class SFTModule(HarnessModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         s, n = token_loss_sums(self.model, batch)
-        loss = s / n.clamp(min=1)
-        self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
-        return loss
+        return self.train_loss(s / n.clamp(min=1), n)  # token-level mean over the global batch
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)

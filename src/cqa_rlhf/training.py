@@ -106,9 +106,86 @@ class HarnessModule(L.LightningModule):
             torch.set_rng_state(rng["torch"])
             random.setstate(_py_rng_from(rng["python"]))
 
+    # ---- data parallelism ------------------------------------------------------------------
+    def global_mean(self, local_mean: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+        """This process's share of the mean over the whole global batch.
+
+        ``local_mean`` is the mean over this process's ``count`` items (tokens, answers, pairs).
+        DDP averages gradients over the W processes, so returning ``local_mean * count * W / N``
+        (N: the count summed over processes) makes the averaged gradient that of the mean over
+        all N items -- the gradient one process gets from the whole batch -- even when the
+        processes hold different counts (token counts always differ). With one process it is
+        ``local_mean`` itself."""
+        if self.trainer.world_size == 1:
+            return local_mean
+        n = torch.as_tensor(count, dtype=torch.float64, device=local_mean.device)
+        return local_mean * (n * self.global_weight(n)).to(local_mean.dtype)
+
+    def global_weight(self, count: int | torch.Tensor) -> torch.Tensor:
+        """W / N in float64: N the ``count`` summed over the W processes (one all-reduce); 1 / count
+        with one process. Weighting a process's *sum* by it gives its share of the global mean."""
+        n = torch.as_tensor(count, dtype=torch.float64, device=self.device)
+        world = self.trainer.world_size
+        total = self.trainer.strategy.reduce(n.clone(), reduce_op="sum") if world > 1 else n
+        return world / total.clamp(min=1)
+
+    def train_loss(self, local_mean: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+        """:meth:`global_mean` of the batch loss, logged as ``train_loss`` (the global batch's mean)."""
+        loss = self.global_mean(local_mean, count)
+        self.log("train_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=int(count),
+                 sync_dist=self.trainer.world_size > 1)
+        return loss
+
+    def on_train_end(self) -> None:
+        # Every process must end the fit with the same weights (DDP keeps them in sync through
+        # the gradients); a mismatch means a gradient was not synchronised -- fail, never export.
+        # Sharded strategies hold a different shard on each process: nothing to compare.
+        if shards_weights(self.trainer.strategy):
+            return
+        self.replica_digest = check_replicas(self.model, self.trainer.world_size)
+        if self.trainer.world_size > 1 and self.trainer.is_global_zero:
+            print(f"{self.trainer.world_size} processes hold identical weights (sha256 {self.replica_digest})",
+                  file=sys.stderr)
+
     def completed_in_epoch(self) -> int:
         """Training batches the fit loop has completed in the current epoch (for the loader state)."""
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+
+
+class ReplicaMismatchError(RuntimeError):
+    pass
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every tensor in ``model.state_dict()``."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def shards_weights(strategy) -> bool:
+    """FSDP, and DeepSpeed ZeRO stage 3: each process holds a shard of the weights."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        return True
+    return isinstance(strategy, DeepSpeedStrategy) and strategy.config.get("zero_optimization", {}).get("stage") == 3
+
+
+def check_replicas(model: nn.Module, world_size: int) -> str:
+    """The weights' digest, checked equal on every process (one all-gather of W strings)."""
+    digest = weights_digest(model)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        digests: list[str | None] = [None] * world_size
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise ReplicaMismatchError(f"processes ended the fit with different weights: {digests}")
+    return digest
 
 
 def _py_rng_state() -> list:
@@ -124,23 +201,46 @@ def _py_rng_from(saved: list) -> tuple:
 # --------------------------------------------------------------------------------------------
 # Trainer, checkpoints and resumption
 # --------------------------------------------------------------------------------------------
-def build_trainer(shared: TrainerConfig, train: TrainConfig, live_dir: str | Path, ckpt_dir: str | Path,
-                  resume: Path | None = None, callbacks: Sequence[L.Callback] = (),
-                  curve_step: Callable[[dict], int] | None = None) -> L.Trainer:
-    """The stage's Trainer. ``resume``: the checkpoint the fit resumes from, if any -- then the
-    curves logged before it are kept (the live dir is a persistent DVC output) and those logged
-    after it by the interrupted run are dropped, as that part is trained again. ``curve_step``
-    reads the checkpoint's position in the curves' x units (default: its global step)."""
+def prepare_run(shared: TrainerConfig, train: TrainConfig, live_dir: str | Path, ckpt_dir: str | Path,
+                fp: str, stage: str, callbacks: Sequence[L.Callback] = (),
+                curve_step: Callable[[dict], int] | None = None) -> tuple[L.Trainer, Path | None]:
+    """The stage's Trainer and the checkpoint its fit resumes from (None: a fresh start).
+
+    The Trainer comes first, so its global rank is known (Lightning reads it from the launcher's
+    environment: subprocess DDP, torchrun, SLURM): rank 0 decides whether to resume, clears a
+    stale checkpoint directory and trims the curves; other ranks only read, so no two processes
+    write the same files. Then the DVCLive logger is attached."""
+    trainer = build_trainer(shared, train, live_dir, ckpt_dir, callbacks=callbacks, logger=False)
+    zero = trainer.is_global_zero
+    resume = resume_checkpoint(ckpt_dir, fp, stage, clean=zero)
+    trainer.loggers = [_live_logger(live_dir, resume, curve_step, trim=zero)]
+    return trainer, resume
+
+
+def _live_logger(live_dir: str | Path, resume: Path | None, curve_step: Callable[[dict], int] | None,
+                 trim: bool = True):
+    """DVCLive logger. When resuming, the curves logged before the checkpoint are kept (the live
+    dir is a persistent DVC output) and those logged after it by the interrupted run are dropped,
+    as that part is trained again. ``curve_step`` reads the checkpoint's position in the curves'
+    x units (default: its global step)."""
     from dvclive.lightning import DVCLiveLogger
 
-    t = train.trainer.apply(shared)
-    if resume is not None:
+    if resume is not None and trim:
         saved = torch.load(resume, map_location="cpu", weights_only=True)
         trim_live_curves(live_dir, curve_step(saved) if curve_step is not None else saved["global_step"])
     # dvcyaml=False and save_dvc_exp=False: DVCLive must not rewrite dvc.yaml or make its own
     # experiments; the stage declares its metrics and plots in dvc.yaml (cache: false).
-    logger = DVCLiveLogger(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None,
-                           resume=resume is not None)
+    return DVCLiveLogger(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, resume=resume is not None)
+
+
+def build_trainer(shared: TrainerConfig, train: TrainConfig, live_dir: str | Path, ckpt_dir: str | Path,
+                  resume: Path | None = None, callbacks: Sequence[L.Callback] = (),
+                  curve_step: Callable[[dict], int] | None = None, logger=None) -> L.Trainer:
+    """A Trainer from the shared ``trainer`` section and the stage's settings, logging to DVCLive
+    (or to ``logger``; False: none). Stages use :func:`prepare_run`, which also decides resuming."""
+    t = train.trainer.apply(shared)
+    if logger is None:
+        logger = _live_logger(live_dir, resume, curve_step)
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=train.monitor,
                                  mode=train.monitor_mode, save_top_k=1, save_last=True,
                                  auto_insert_metric_name=False)
@@ -193,14 +293,18 @@ def fingerprint(params: dict, inputs: Sequence[str | Path]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def resume_checkpoint(ckpt_dir: str | Path, fp: str, stage: str) -> Path | None:
+def resume_checkpoint(ckpt_dir: str | Path, fp: str, stage: str, clean: bool = True) -> Path | None:
     """``last.ckpt`` if it was made with fingerprint ``fp``; otherwise clear the directory (and
-    say why), so a run never continues from weights trained with other params or data."""
+    say why), so a run never continues from weights trained with other params or data. With
+    ``clean`` False (ranks other than 0) nothing is written: the same answer, read only."""
     ckpt_dir = Path(ckpt_dir)
     last = ckpt_dir / "last.ckpt"
     fp_file = ckpt_dir / FINGERPRINT_FILE
+    matches = last.is_file() and fp_file.is_file() and json.loads(fp_file.read_text()).get("fingerprint") == fp
+    if not clean:
+        return last if matches else None
     if last.is_file() and fp_file.is_file():
-        if json.loads(fp_file.read_text()).get("fingerprint") == fp:
+        if matches:
             print(f"{stage}: resuming from {last}", file=sys.stderr)
             return last
         print(f"{stage}: not resuming: {last} was made with other params or data; starting fresh",
@@ -213,13 +317,17 @@ def resume_checkpoint(ckpt_dir: str | Path, fp: str, stage: str) -> Path | None:
     return None
 
 
-def load_best_weights(module: L.LightningModule, ckpt_dir: str | Path) -> Path:
-    """Load the best checkpoint's weights into ``module`` (weights only, no pickled code)."""
+def load_best_weights(model: nn.Module, ckpt_dir: str | Path, prefix: str = "model.") -> Path:
+    """Load the best checkpoint's weights (``last.ckpt`` if there is no best) into ``model``, a
+    plain module -- the stage's ``model`` attribute, whose keys carry ``prefix`` in the
+    checkpoint. Weights only: no pickled code runs. Stages load into a *fresh* model after the
+    fit, so what is evaluated and exported never depends on how the strategy wrapped the one
+    that trained (FSDP replaces its layers in place)."""
     ckpt_dir = Path(ckpt_dir)
     best = ckpt_dir / "best.ckpt"
     path = best if best.is_file() else ckpt_dir / "last.ckpt"
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    module.load_state_dict(state)
+    model.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
     return path
 
 

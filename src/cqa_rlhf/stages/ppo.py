@@ -16,6 +16,9 @@ from cqa_rlhf.batches import LengthGroupedBatchSampler, ListDataset, PromptColla
 from cqa_rlhf.config import ModelConfig, PPOConfig, PromptConfig, TokenizerConfig, TrainerConfig, parse_section, read_params
 from cqa_rlhf.data.tables import read_table
 from cqa_rlhf.errors import ConfigError, DataError, cli
+
+# Strategies under which a process holds only a shard of the weights (PPO refuses them).
+SHARDED_STRATEGIES = ("fsdp", "deepspeed_stage_3")
 from cqa_rlhf.io import write_json_atomic
 from cqa_rlhf.models import CausalLMWithValueHead, build_policy, load_frozen
 from cqa_rlhf.ppo import PPOModule, eval_means
@@ -23,7 +26,7 @@ from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.reward import normalization
 from cqa_rlhf.stages.common import stage_args
 from cqa_rlhf.tokenizer import load_tokenizer
-from cqa_rlhf.training import apply_freeze, build_trainer, export_pretrained, fingerprint, load_best_weights, resume_checkpoint
+from cqa_rlhf.training import apply_freeze, export_pretrained, fingerprint, load_best_weights, prepare_run
 
 
 def evaluate(module: PPOModule, questions: list[str], batch_size: int) -> dict[str, float]:
@@ -58,6 +61,10 @@ def main() -> None:
     resolved = {name: section.model_dump(mode="json") for name, section in
                 (("prompt", prompt), ("model", model_cfg), ("trainer", shared), ("ppo", cfg))}
     start = time.perf_counter()
+    strategy = cfg.trainer.apply(shared).strategy
+    if strategy.startswith(SHARDED_STRATEGIES):
+        raise ConfigError(f"{args.params}: trainer.strategy {strategy!r} shards the policy's weights, and PPO samples "
+                          "rollouts from the policy outside the wrapped forward; use ddp (see the README's memory table)")
     for path in (cfg.sft_dir, cfg.reward_model):
         if not (Path(path) / "config.json").is_file():
             raise DataError(f"{path}: not an exported model directory (no config.json)")
@@ -86,18 +93,22 @@ def main() -> None:
 
     # 3. Fit, resuming from last.ckpt only if it was made with these params, inputs and code.
     inputs = [data / "train" / "prompts", data / "val" / "prompts", tok_cfg.out, cfg.sft_dir, cfg.reward_model]
+    #    With W processes each rolls out its share of every global batch of prompts
+    #    (rollout_batch_size per process); every process runs the held-out evaluation.
     fp = fingerprint(resolved, inputs)
-    ckpt = resume_checkpoint(cfg.checkpoint_dir, fp, "ppo")
+    trainer, ckpt = prepare_run(shared, cfg.harness(), cfg.live_dir, cfg.checkpoint_dir, fp, "ppo",
+                                curve_step=lambda saved: saved["cqa_ppo"]["iteration"])  # curves' x: iterations
     samples_dir = Path(cfg.live_dir) / "samples"
-    if ckpt is None:
+    if ckpt is None and trainer.is_global_zero:
         shutil.rmtree(samples_dir, ignore_errors=True)
     module = PPOModule(policy, ref, rm, fmt, cfg, cfg.harness(), fp, norm, samples_dir)
     sft_eval = evaluate(module, eval_questions, cfg.sample.batch_size)  # iteration 0: the SFT policy
-    trainer = build_trainer(shared, cfg.harness(), cfg.live_dir, cfg.checkpoint_dir, resume=ckpt,
-                            curve_step=lambda saved: saved["cqa_ppo"]["iteration"])  # curves' x: iterations
     lengths = [len(fmt.encode_prompt(r["question"], cfg.max_prompt_length)) for r in train_rows]
     sampler = LengthGroupedBatchSampler(lengths, cfg.rollout_batch_size, cfg.seed,
                                         rank=trainer.global_rank, world_size=trainer.world_size, drop_last=True)
+    if len(sampler) == 0:
+        raise DataError(f"{data}: {len(train_rows)} training prompts; {trainer.world_size} processes need at least "
+                        f"ppo.rollout_batch_size x {trainer.world_size} = {cfg.rollout_batch_size * trainer.world_size}")
     train = ResumableDataLoader(ListDataset(train_rows), sampler, PromptCollator(), module.completed_in_epoch)
     held_out = DataLoader(ListDataset([{"question": q} for q in eval_questions]), batch_size=cfg.sample.batch_size,
                           collate_fn=PromptCollator())
@@ -108,7 +119,7 @@ def main() -> None:
         else {"iteration": module.iteration, **evaluate(module, eval_questions, cfg.sample.batch_size)}
     best = max(module.eval_history or [last], key=lambda e: e["score"])
     if cfg.export == "best":
-        load_best_weights(module, cfg.checkpoint_dir)
+        load_best_weights(policy, cfg.checkpoint_dir)
     if trainer.is_global_zero:
         export_pretrained(policy.lm, tok, cfg.out, resolved, extra=save_value_head(policy))
         write_json_atomic(cfg.metrics, {

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import lightning as L
 
-from cqa_rlhf.batches import LengthGroupedBatchSampler, ListDataset, ResumableDataLoader
+from torch.utils.data import DataLoader
+
+from cqa_rlhf.batches import EvalBatchSampler, LengthGroupedBatchSampler, ListDataset, ResumableDataLoader
 from cqa_rlhf.config import ModelConfig, PromptConfig, RewardConfig, TokenizerConfig, TrainerConfig, parse_section, read_params
 from cqa_rlhf.data.tables import read_table
 from cqa_rlhf.errors import cli
@@ -29,7 +31,7 @@ from cqa_rlhf.reward import (
     score,
 )
 from cqa_rlhf.tokenizer import load_tokenizer
-from cqa_rlhf.training import apply_freeze, build_trainer, export_pretrained, fingerprint, load_best_weights, resume_checkpoint
+from cqa_rlhf.training import apply_freeze, export_pretrained, fingerprint, load_best_weights, prepare_run
 
 
 def test_pair_metrics(model, fmt: PromptFormatter, rows: list[dict], cfg) -> dict[str, float]:
@@ -92,16 +94,17 @@ def main() -> None:
     # 3. Fit through the shared harness (resumes only with the same params, data and code).
     inputs = [data / s / table for s in ("train", "val")] + [tok_cfg.out] + ([cfg.sft_dir] if init_from else [])
     fp = fingerprint(resolved, inputs)
-    ckpt = resume_checkpoint(cfg.checkpoint_dir, fp, f"reward@{args.kind}")
+    #    With W processes each takes its share of every global batch and of the validation batches.
     module = (RegressionModule if args.kind == "regression" else PairwiseModule)(model, cfg, fp)
-    trainer = build_trainer(shared, cfg, cfg.live_dir, cfg.checkpoint_dir, resume=ckpt)
-    sampler = LengthGroupedBatchSampler(length_of(train_items), cfg.batch_size, cfg.seed,
-                                        rank=trainer.global_rank, world_size=trainer.world_size)
+    trainer, ckpt = prepare_run(shared, cfg, cfg.live_dir, cfg.checkpoint_dir, fp, f"reward@{args.kind}")
+    rank, world = trainer.global_rank, trainer.world_size
+    sampler = LengthGroupedBatchSampler(length_of(train_items), cfg.batch_size, cfg.seed, rank=rank, world_size=world)
     train = ResumableDataLoader(ListDataset(train_items), sampler, collate, module.completed_in_epoch)
-    val_sampler = LengthGroupedBatchSampler(length_of(val_items), cfg.eval_batch_size, 0, shuffle=False)
-    val = ResumableDataLoader(ListDataset(val_items), val_sampler, collate, lambda: 0)
+    val = DataLoader(ListDataset(val_items), batch_sampler=EvalBatchSampler(
+        len(val_items), cfg.eval_batch_size, length_of(val_items), rank, world), collate_fn=collate)
     trainer.fit(module, train, val, ckpt_path=ckpt, weights_only=True)
-    load_best_weights(module, cfg.checkpoint_dir)
+    model = build_model(model_cfg, tok, "reward", init_from=init_from)  # fresh, then the best weights
+    load_best_weights(model, cfg.checkpoint_dir)
 
     # 4. Held-out pairs, beside the length baseline; normalisation on the SFT training answers.
     metrics = {**test_pair_metrics(model, fmt, test, cfg), "untrained_pairwise_accuracy": untrained}

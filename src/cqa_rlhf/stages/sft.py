@@ -27,7 +27,7 @@ from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.sft import SFTModule, encode_sft, eval_loader, evaluate_loss
 from cqa_rlhf.stages.common import stage_args
 from cqa_rlhf.tokenizer import load_tokenizer
-from cqa_rlhf.training import apply_freeze, build_trainer, export_pretrained, fingerprint, load_best_weights, resume_checkpoint
+from cqa_rlhf.training import apply_freeze, export_pretrained, fingerprint, load_best_weights, prepare_run
 
 
 @cli
@@ -60,17 +60,21 @@ def main() -> None:
 
     # 3. Fit, resuming from last.ckpt only if it was made with these params and data.
     fp = fingerprint(resolved, [data / "train" / "sft", data / "val" / "sft", tok_cfg.out])
-    ckpt = resume_checkpoint(cfg.checkpoint_dir, fp, "sft")
+    #    With W processes each takes its share of every global batch (batch_size * W items)
+    #    and of the validation batches.
     module = SFTModule(model, cfg, fp)
-    trainer = build_trainer(shared, cfg, cfg.live_dir, cfg.checkpoint_dir, resume=ckpt)
+    trainer, ckpt = prepare_run(shared, cfg, cfg.live_dir, cfg.checkpoint_dir, fp, "sft")
+    rank, world = trainer.global_rank, trainer.world_size
     sampler = LengthGroupedBatchSampler([len(x["input_ids"]) for x in train_items], cfg.batch_size, cfg.seed,
-                                        rank=trainer.global_rank, world_size=trainer.world_size)
+                                        rank=rank, world_size=world)
     train = ResumableDataLoader(ListDataset(train_items), sampler, CausalLMCollator(tok.pad_token_id),
                                 module.completed_in_epoch)
-    trainer.fit(module, train, val, ckpt_path=ckpt, weights_only=True)
+    val_share = eval_loader(val_items, cfg.eval_batch_size, tok.pad_token_id, rank, world)
+    trainer.fit(module, train, val_share, ckpt_path=ckpt, weights_only=True)
 
-    # 4. Best checkpoint -> exported model, metrics and a sample check.
-    best = load_best_weights(module, cfg.checkpoint_dir)
+    # 4. Best checkpoint -> a fresh model -> exported model, metrics and a sample check.
+    model = build_model(model_cfg, tok, "causal")
+    best = load_best_weights(model, cfg.checkpoint_dir)
     final = evaluate_loss(model, val)
     gens = generate(model, fmt, [r["question"] for r in val_rows[: cfg.sample.n]], cfg.sample, cfg.seed,
                     max_prompt_len=max(8, cfg.max_length - cfg.sample.max_new_tokens))
