@@ -50,6 +50,25 @@ def run_stage(module: str, params: dict, tmp_path: Path, name: str = "params.yam
     )
 
 
+def run_until_killed(module: str, params: dict, tmp_path: Path, ready, args: tuple[str, ...] = (),
+                     settle: float = 0.5, timeout: float = 300) -> None:
+    """Start ``python -m cqa_rlhf.stages.<module>`` on ``params`` and SIGKILL it once ``ready()``
+    holds, ``settle`` seconds later (a checkpoint being written finishes first)."""
+    import signal
+    import time
+
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params), encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", f"cqa_rlhf.stages.{module}", "--params", str(pfile), *args],
+                            cwd=tmp_path, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline and not ready():
+        time.sleep(0.02)
+    time.sleep(settle)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def _tiny_site(work: Path) -> Path:
     from helpers import tiny_params
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +20,7 @@ from cqa_rlhf.ppo import DivergedError, PPOModule, build_sequences, policy_outpu
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.tokenizer import load_tokenizer
 
-from conftest import run_stage, stage_env
+from conftest import run_stage, run_until_killed
 from helpers import TINY_MODEL, tiny_params
 
 
@@ -145,18 +141,11 @@ def test_killed_ppo_resumes_and_matches_an_uninterrupted_run(tmp_path, prepared,
     assert run_stage("ppo", _ppo_params(prepared, rlhf_inputs, full, **args), full).returncode == 0
 
     params = _ppo_params(prepared, rlhf_inputs, cut, **args)
-    (cut / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = subprocess.Popen([sys.executable, "-m", "cqa_rlhf.stages.ppo", "--params", str(cut / "params.yaml")],
-                            cwd=cut, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Kill once an iteration past the first checkpoint (iteration 2) has been logged, so the
     # resumed run must drop that row and train the iteration again.
     kl_curve = cut / "live" / "plots" / "metrics" / "objective" / "kl.tsv"
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline and not (
-            (cut / "ckpt" / "last.ckpt").exists() and kl_curve.exists() and len(kl_curve.read_text().splitlines()) >= 4):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_until_killed("ppo", params, cut, settle=0.0, ready=lambda: (
+        (cut / "ckpt" / "last.ckpt").exists() and kl_curve.exists() and len(kl_curve.read_text().splitlines()) >= 4))
     assert not (cut / "ppo.json").exists(), "the run finished before it could be interrupted"
     saved = torch.load(cut / "ckpt" / "last.ckpt", weights_only=True)
     logged = len(kl_curve.read_text().splitlines()) - 1

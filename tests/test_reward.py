@@ -112,14 +112,7 @@ def test_tiny_reward_run_beats_the_untrained_head_and_exports(tmp_path, pairs_da
 
 
 def test_killed_reward_stage_resumes_and_matches_an_uninterrupted_run(tmp_path, pairs_data):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import yaml
-
-    from conftest import stage_env
+    from conftest import run_until_killed
 
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = dict(max_steps=40, val_check_interval=10, center_coef=0.01)
@@ -130,16 +123,7 @@ def test_killed_reward_stage_resumes_and_matches_an_uninterrupted_run(tmp_path, 
     assert proc.returncode == 0, proc.stderr
 
     params = _reward_params(pairs_data, cut, "classification", **args)
-    (cut / "params.yaml").write_text(yaml.safe_dump(params))
-    run = subprocess.Popen([sys.executable, "-m", "cqa_rlhf.stages.reward", "--params", str(cut / "params.yaml"),
-                            "--kind", "classification"], cwd=cut, env=stage_env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (cut / "ckpt" / "last.ckpt").exists() and run.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # let the checkpoint finish writing (it is written atomically)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
+    run_until_killed("reward", params, cut, ready=(cut / "ckpt" / "last.ckpt").exists, args=("--kind", "classification"))
     assert not (cut / "classification.json").exists(), "the run finished before it could be interrupted"
     step = torch.load(cut / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
     assert 10 <= step < 40

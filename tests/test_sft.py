@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from cqa_rlhf.prompts import IGNORE_INDEX, PromptFormatter
 from cqa_rlhf.tokenizer import load_tokenizer, train_bpe
 from cqa_rlhf.training import apply_freeze, param_groups
 
-from conftest import run_stage, stage_env
+from conftest import run_stage, run_until_killed
 from helpers import TINY_MODEL, tiny_params
 
 def _sft(work: Path, prepared: Path, name: str = "params.yaml", **sft) -> subprocess.CompletedProcess:
@@ -218,15 +215,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path, prepared)
     for key, name in (("out", "sft"), ("live_dir", "live"), ("checkpoint_dir", "ckpt")):
         params["sft"][key] = str(cut / name)
     params["sft"]["metrics"] = str(cut / "sft.json")
-    (cut / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = subprocess.Popen([sys.executable, "-m", "cqa_rlhf.stages.sft", "--params", str(cut / "params.yaml")],
-                            cwd=cut, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not (cut / "ckpt" / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # let the checkpoint finish writing (it is written atomically)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_until_killed("sft", params, cut, ready=(cut / "ckpt" / "last.ckpt").exists)
     assert not (cut / "sft.json").exists(), "the run finished before it could be interrupted"
     step = torch.load(cut / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
     assert 10 <= step < 40
