@@ -35,6 +35,7 @@ from cqa_rlhf.models import CausalLMWithValueHead, build_model, build_policy, di
 from cqa_rlhf.ppo import PPOModule
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.reward import normalization
+from cqa_rlhf.rollout import RolloutEngine
 from cqa_rlhf.tokenizer import load_tokenizer
 from cqa_rlhf.training import build_trainer
 
@@ -44,8 +45,23 @@ NEO_125M = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate
             "vocab_size": 50257}
 
 
+class TimedEngine(RolloutEngine):
+    """The rollout engine with its sampling timed (a benchmark wrapper)."""
+
+    row: dict
+
+    def sample(self, lm, questions, seed):
+        t0 = time.perf_counter()
+        gens, seq = super().sample(lm, questions, seed)
+        self.row["generation"] = self.row.get("generation", 0.0) + time.perf_counter() - t0
+        self.row["generated_tokens"] = int(seq.mask.sum())
+        self.row["samples"] = len(questions)
+        return gens, seq
+
+
 class TimedPPO(PPOModule):
-    """PPOModule with each phase timed (a benchmark wrapper; the maths is PPOModule's)."""
+    """PPOModule with each phase timed (a benchmark wrapper; the maths is PPOModule's):
+    generation, scoring (the rest of the rollout: log-probs, reference, reward model), learning."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -57,20 +73,16 @@ class TimedPPO(PPOModule):
         self._row[key] = self._row.get(key, 0.0) + time.perf_counter() - t0
         return out
 
-    def sample(self, questions, seed):
-        gens, seq = self._timed("generation", super().sample, questions, seed)
-        self._row["generated_tokens"] = int(seq.mask.sum())
-        self._row["samples"] = len(questions)
-        return gens, seq
+    def rollout(self, questions, seed, with_values=True):
+        out = self._timed("rollout", super().rollout, questions, seed, with_values)
+        self._row["scoring"] = self._row["rollout"] - self._row["generation"]
+        return out
 
-    def measure(self, questions, gens, seq, with_values=True):
-        return self._timed("scoring", super().measure, questions, gens, seq, with_values)
-
-    def learn(self, ro, advantages, returns, it):
-        return self._timed("learning", super().learn, ro, advantages, returns, it)
+    def learn(self, rollout, advantages, returns, it):
+        return self._timed("learning", super().learn, rollout, advantages, returns, it)
 
     def on_train_batch_start(self, batch, batch_idx):
-        self._row = {"start": time.perf_counter()}
+        self._row = self.engine.row = {"start": time.perf_counter()}
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self._row["total"] = time.perf_counter() - self._row.pop("start")
@@ -82,11 +94,12 @@ def run(name: str, cfg: PPOConfig, policy, ref, rm, tok, norm, iterations: int, 
     rows = read_table(ROOT / "data/prepared/train/prompts").to_pylist()
     cfg = cfg.model_copy(update={"iterations": iterations, "eval_every": 10 ** 6})
     L.seed_everything(0, verbose=False)
-    module = TimedPPO(policy, ref, rm, fmt, cfg, cfg.harness(), "bench", norm)
+    engine = TimedEngine(fmt, cfg.sample, cfg.max_prompt_length, cfg.max_length, cfg.micro_batch_size, ref, rm)
+    module = TimedPPO(policy, engine, cfg, "bench", norm)
     with tempfile.TemporaryDirectory() as tmp:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        trainer = build_trainer(trainer_cfg, cfg.harness(), Path(tmp) / "live", Path(tmp) / "ckpt")
+        trainer = build_trainer(trainer_cfg, module.loop(), Path(tmp) / "ckpt")
         lengths = [len(fmt.encode_prompt(r["question"], cfg.max_prompt_length)) for r in rows]
         sampler = LengthGroupedBatchSampler(lengths, cfg.rollout_batch_size, 0, drop_last=True)
         train = ResumableDataLoader(ListDataset(rows), sampler, PromptCollator(), module.completed_in_epoch)

@@ -110,7 +110,7 @@ def run(name: str, model_config: dict, work: Path, tok, fmt, steps: int, batch_s
     timer = StepTimer()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer = build_trainer(trainer_cfg, cfg, cfg.live_dir, cfg.checkpoint_dir, callbacks=[timer])
+    trainer = build_trainer(trainer_cfg, cfg.loop(), cfg.checkpoint_dir, callbacks=[timer])
     loader = ResumableDataLoader(ListDataset(items), LengthGroupedBatchSampler(
         [len(x["input_ids"]) for x in items], batch_size, 0), CausalLMCollator(tok.pad_token_id), module.completed_in_epoch)
     val = eval_loader(items[:8], 8, tok.pad_token_id)

@@ -39,6 +39,18 @@ def stage_env() -> dict[str, str]:
     return env
 
 
+def init_dvc_repo(path: Path, message: str = "init") -> Path:
+    """``path`` as a git + DVC repository (analytics off) with everything in it committed."""
+    env = stage_env()
+    dvc = [sys.executable, "-m", "dvc"]
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                ["git", "config", "user.name", "test"], dvc + ["init", "-q"], dvc + ["config", "core.analytics", "false"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", message]):
+        proc = subprocess.run(cmd, cwd=path, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{' '.join(cmd)}: {proc.stderr}"
+    return path
+
+
 def run_stage(module: str, params: dict, tmp_path: Path, name: str = "params.yaml",
               args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run ``python -m cqa_rlhf.stages.<module> --params <file> [args]`` with ``params`` written to a file."""
@@ -102,7 +114,7 @@ def rlhf_inputs(prepared_session, tmp_path_factory) -> Path:
     params["reward"] = {"classification": {
         "data": str(prepared / "prepared"), "sft_dir": str(work / "sft"), "out": str(work / "rm"),
         "metrics": str(work / "rm.json"), "live_dir": str(work / "rm_live"), "checkpoint_dir": str(work / "rm_ckpt"),
-        "batch_size": 16, "max_length": 96, "max_epochs": -1, "max_steps": 40, "val_check_interval": 20, "lr": 3e-3}}
+        "batch_size": 16, "max_length": 96, "max_epochs": -1, "max_steps": 40, "val_check_interval": 20, "optim": {"lr": 3e-3}}}
     for stage, args in (("sft", ()), ("reward", ("--kind", "classification"))):
         proc = run_stage(stage, params, work, args=args)
         assert proc.returncode == 0, proc.stderr

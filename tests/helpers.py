@@ -44,6 +44,6 @@ def tiny_params(work: Path, **sft) -> dict:
         "trainer": {"accelerator": "cpu", "devices": 1, "log_every_n_steps": 5},
         "sft": {"data": str(work / "prepared"), "out": str(work / "sft"), "metrics": str(work / "m" / "sft.json"),
                 "live_dir": str(work / "live"), "checkpoint_dir": str(work / "ckpt"), "batch_size": 8,
-                "max_length": 96, "max_epochs": -1, "max_steps": 30, "val_check_interval": 10, "lr": 3e-3,
+                "max_length": 96, "max_epochs": -1, "max_steps": 30, "val_check_interval": 10, "optim": {"lr": 3e-3},
                 "sample": {"n": 8, "max_new_tokens": 24, "batch_size": 8}, **sft},
     }

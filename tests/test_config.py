@@ -111,9 +111,9 @@ def test_floats_written_by_dvc_are_floats(tmp_path):
     from cqa_rlhf.config import SFTConfig, read_params
 
     path = tmp_path / "params.yaml"
-    path.write_text("sft:\n  lr: 2e-05\n  weight_decay: 1E-2\n  seed: 3\n")
+    path.write_text("sft:\n  optim:\n    lr: 2e-05\n    weight_decay: 1E-2\n  seed: 3\n")
     cfg = parse_section(read_params(path), "sft", SFTConfig, path)
-    assert cfg.lr == 2e-05 and cfg.weight_decay == 0.01 and cfg.seed == 3
+    assert cfg.optim.lr == 2e-05 and cfg.optim.weight_decay == 0.01 and cfg.seed == 3
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "presets").glob("*.yaml")), ids=lambda p: p.stem)
@@ -149,7 +149,7 @@ def test_a_preset_applied_by_dvc_exp_run_gives_valid_params(tmp_path):
 
     import yaml
 
-    from conftest import stage_env
+    from conftest import init_dvc_repo, stage_env
     from cqa_rlhf.config import SECTIONS, read_params
     from cqa_rlhf.presets import preset_flags
 
@@ -158,9 +158,7 @@ def test_a_preset_applied_by_dvc_exp_run_gives_valid_params(tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages:\n  show:\n    cmd: python -c pass\n    params:\n      - model\n")
     env = stage_env()
     dvc = [str(Path(sys.executable).parent / "dvc")]
-    for cmd in (["git", "init", "-q"], dvc + ["init", "-q"], dvc + ["config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "i"]):
-        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    init_dvc_repo(tmp_path)
     flags = [part for f in preset_flags(preset, tmp_path / "params.yaml") for part in f.split(" ", 1)]
     proc = subprocess.run(dvc + ["exp", "run", *flags], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -168,6 +166,6 @@ def test_a_preset_applied_by_dvc_exp_run_gives_valid_params(tmp_path):
     for name, model in SECTIONS.items():
         load_section(tmp_path / "params.yaml", name, model)
     want = yaml.safe_load(preset.read_text())
-    assert params["sft"]["lr"] == want["sft"]["lr"] == 2e-05  # written by DVC as `2e-05`
+    assert params["sft"]["optim"]["lr"] == want["sft"]["optim"]["lr"] == 2e-05  # written by DVC as `2e-05`
     assert params["ppo"]["trainer"] == {"log_every_n_steps": 1, "strategy": "ddp"}
     assert params["trainer"]["strategy"] == "fsdp" and params["model"]["gradient_checkpointing"] is True

@@ -180,7 +180,7 @@ def test_reward_model_on_two_processes_matches_one(tmp_path, prepared, kind):
         params = tiny_params(prepared)
         params["reward"] = {kind: _outs(work, {
             "data": str(prepared / "prepared"), "init": "model", "batch_size": batch, "eval_batch_size": 16,
-            "max_length": 96, "max_epochs": -1, "max_steps": 16, "val_check_interval": 8, "lr": 3e-3,
+            "max_length": 96, "max_epochs": -1, "max_steps": 16, "val_check_interval": 8, "optim": {"lr": 3e-3},
             # Bradley-Terry alone is blind to a shift of every score (ln_f.bias along the head):
             # that gradient is rounding noise, which Adam turns into steps of ~lr that differ
             # between runs (measured: 1.1e-3 on ln_f.bias, score_mean_sft_train off by 7e-4).
@@ -207,12 +207,17 @@ def test_ppo_on_two_processes_matches_one_and_exports_what_every_rank_holds(tmp_
         params["ppo"] = _outs(work, {
             "data": str(prepared / "prepared"), "sft_dir": str(rlhf_inputs / "sft"),
             "reward_model": str(rlhf_inputs / "rm"), "iterations": 4, "rollout_batch_size": batch,
-            "mini_batch_size": batch, "micro_batch_size": 8, "ppo_epochs": 2, "lr": lr, "max_prompt_length": 48,
+            "mini_batch_size": batch, "micro_batch_size": 8, "ppo_epochs": 2, "optim": {"lr": lr, "weight_decay": 0.0, "warmup_frac": 0.0}, "max_prompt_length": 48,
             "max_length": 96, "sample": {"max_new_tokens": 16, "batch_size": 16, "top_k": 1}, "eval_every": 2,
             "eval_prompts": 16, "samples_every": 2, "kl": {"beta": 0.02}, "trainer": {"log_every_n_steps": 1}})
         runs[devices] = _run("ppo", params, work, devices)
     one, two = (json.loads((tmp_path / f"d{d}" / "metrics.json").read_text()) for d in (1, 2))
-    assert one["final"]["kl"] > 0.05  # the policy moved
+    # The policy moved: its weights, and its answers' log-probs against the reference. (A k1
+    # estimate on greedy answers can have either sign: top_k 1 samples the argmax, while the
+    # log-probs are those of the full distribution.)
+    sft_weights = rlhf_inputs / "sft" / "model.safetensors"
+    assert _max_weight_diff(sft_weights, tmp_path / "d1/model/model.safetensors") > lr
+    assert abs(one["final"]["kl"]) > 0.05
     _close(one, two, rel=1e-3)
     d1, d2 = tmp_path / "d1/model", tmp_path / "d2/model"
     assert _max_weight_diff(d1 / "model.safetensors", d2 / "model.safetensors") < 0.05 * lr

@@ -102,8 +102,43 @@ def test_answer_command(rlhf_inputs, tmp_path):
     again = _answer("--model", sft, "How do I sort a git branch?", cwd=tmp_path)
     assert again.stdout == first.stdout  # seeded
     bad = _answer("--model", str(tmp_path / "missing"), "How?", cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path / 'missing'}: not an exported model directory (no config.json)"
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        f"error: {tmp_path / 'missing'}: --model is not an exported model directory (no config.json)")
     empty = _answer("--model", sft, "   ", cwd=tmp_path)
     assert empty.returncode == 2 and empty.stderr.strip() == "error: question is empty"
     flag = _answer("--model", sft, "--temperature", "0", "Why?", cwd=tmp_path)
     assert flag.returncode == 2 and flag.stderr.strip().startswith("error: --temperature:")
+
+
+def test_reward_model_without_normalisation_is_one_line_in_evaluate(evaluated, tmp_path):
+    import shutil
+
+    work, params = evaluated
+    rm = tmp_path / "rm"
+    shutil.copytree(params["evaluate"]["reward_models"]["classification"], rm)
+    cfg = json.loads((rm / "config.json").read_text())
+    del cfg["cqa_score_mean"], cfg["cqa_score_std"]
+    (rm / "config.json").write_text(json.dumps(cfg))
+    bad = json.loads(json.dumps(params))
+    bad["evaluate"].update(reward_models={"classification": str(rm)}, out=str(tmp_path / "eval"),
+                           metrics_dir=str(tmp_path / "metrics"))
+    proc = run_stage("evaluate", bad, tmp_path, args=("--policy", "sft"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: evaluate.reward_models.classification: ") and "cqa_score_mean" in last, last
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "eval").exists()
+
+
+def test_stage_run_in_process_returns_what_the_stage_writes(evaluated, tmp_path):
+    """A stage's typed run(...) is callable from Python: compare in-process writes and returns the
+    same metrics as the subprocess run of the fixture."""
+    from cqa_rlhf.config import CompareConfig, EvaluateConfig
+    from cqa_rlhf.stages import compare
+
+    work, params = evaluated
+    cfg = CompareConfig.model_validate({**params["compare"], "metrics": str(tmp_path / "c.json"),
+                                        "plot": str(tmp_path / "c.csv")})
+    metrics = compare.run(cfg, EvaluateConfig.model_validate(params["evaluate"]))
+    assert metrics == json.loads((work / "metrics" / "compare.json").read_text())
+    assert (tmp_path / "c.json").read_text() == (work / "metrics" / "compare.json").read_text()
+    assert (tmp_path / "c.csv").read_text() == (work / "metrics" / "compare.csv").read_text()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, SITES, stage_env
+from conftest import ROOT, init_dvc_repo, stage_env
 
 STAGE_MODULES = {s: f"cqa_rlhf.stages.{s}" for s in ("synth", "data", "tokenizer", "sft", "reward", "ppo", "base",
                                                       "evaluate", "compare")}
@@ -76,14 +76,7 @@ def _make_repo(r: Path) -> Path:
     params["evaluate"].update(max_questions=8, max_prompt_length=48, max_length=96,
                               sample={"max_new_tokens": 12, "batch_size": 8})
     (r / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], r)
-    _run(["git", "config", "user.email", "t@example.com"], r)
-    _run(["git", "config", "user.name", "test"], r)
-    _dvc("init", "-q", cwd=r)
-    _dvc("config", "core.analytics", "false", cwd=r)
-    _run(["git", "add", "-A"], r)
-    _run(["git", "commit", "-qm", "pipeline"], r)
-    return r
+    return init_dvc_repo(r, "pipeline")
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +110,13 @@ def test_repro_noop_and_selective_reruns(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # the reward models read pairs; PPO uses one of them and the evaluation uses both
     assert _ran(_dvc("repro", cwd=repo)) == {"data", *REWARD, "ppo", *EVAL, "compare"}
-    params["sft"]["lr"] = 0.002  # an sft param reruns sft and what starts from it
+    params["sft"]["optim"]["lr"] = 0.002  # an sft param reruns sft and what starts from it
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _ran(_dvc("repro", cwd=repo)) == {"sft", *REWARD, "ppo", *EVAL, "compare"}
-    params["reward"]["regression"]["lr"] = 0.002  # one reward model's param: that model and its judges
+    params["reward"]["regression"]["optim"]["lr"] = 0.002  # one reward model's param: that model and its judges
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _ran(_dvc("repro", cwd=repo)) == {"reward@regression", *EVAL, "compare"}
-    params["ppo"]["lr"] = 0.002  # a ppo param: ppo and the evaluation downstream of it
+    params["ppo"]["optim"]["lr"] = 0.002  # a ppo param: ppo and the evaluation downstream of it
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _ran(_dvc("repro", cwd=repo)) == {"ppo", "evaluate@ppo", "compare"}
 
@@ -161,7 +154,7 @@ def test_experiment_and_metrics_diff(repo):
     _run(["git", "checkout", "--", "."], repo)  # back to the baseline commit's params and results
     _dvc("checkout", "--force", cwd=repo)
     before_ppo = json.loads((repo / "metrics/ppo.json").read_text())
-    proc = _dvc("exp", "run", "-S", "ppo.lr=0.01", "--name", "ppo-lr", cwd=repo)
+    proc = _dvc("exp", "run", "-S", "ppo.optim.lr=0.01", "--name", "ppo-lr", cwd=repo)
     assert _ran(proc) == {"ppo", "evaluate@ppo", "compare"}
     after_ppo = json.loads((repo / "metrics/ppo.json").read_text())
     assert after_ppo["final"] != before_ppo["final"]

@@ -16,7 +16,8 @@ from cqa_rlhf.batches import ListDataset, PromptCollator
 from cqa_rlhf.config import ModelConfig, PPOConfig, PromptConfig, SampleConfig, TrainerConfig
 from cqa_rlhf.generation import generate
 from cqa_rlhf.models import build_model, build_policy, load_frozen
-from cqa_rlhf.ppo import DivergedError, PPOModule, build_sequences, policy_outputs, reference_logprobs
+from cqa_rlhf.ppo import DivergedError, PPOModule
+from cqa_rlhf.rollout import RolloutEngine, build_sequences, policy_outputs, sequence_logprobs
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.tokenizer import load_tokenizer
 
@@ -46,7 +47,7 @@ def test_left_padding_gives_the_same_logprobs_and_values_as_no_padding(tok):
     assert batch.attention_mask[0, :4].tolist() == [0, 0, 0, 0]  # prompt 0 is left-padded
     with torch.no_grad():
         _, logp_b, val_b = policy_outputs(policy, batch, temperature=0.7)
-        ref_b = reference_logprobs(policy.lm, batch, temperature=0.7)
+        ref_b = sequence_logprobs(policy.lm, batch, temperature=0.7)
         for i in range(2):
             alone = build_sequences([prompts[i]], [responses[i]], tok.pad_token_id)
             assert alone.attention_mask.all()  # no padding at all
@@ -85,17 +86,41 @@ def _ppo_params(prepared: Path, inputs: Path, out: Path, **ppo) -> dict:
         "data": str(prepared / "prepared"), "sft_dir": str(inputs / "sft"), "reward_model": str(inputs / "rm"),
         "out": str(out / "ppo"), "metrics": str(out / "ppo.json"), "live_dir": str(out / "live"),
         "checkpoint_dir": str(out / "ckpt"), "iterations": 8, "rollout_batch_size": 16, "mini_batch_size": 8,
-        "micro_batch_size": 4, "ppo_epochs": 2, "lr": 2e-3, "max_prompt_length": 48, "max_length": 96,
+        "micro_batch_size": 4, "ppo_epochs": 2, "optim": {"lr": 2e-3, "weight_decay": 0.0, "warmup_frac": 0.0}, "max_prompt_length": 48, "max_length": 96,
         "sample": {"max_new_tokens": 16, "batch_size": 16}, "eval_every": 4, "eval_prompts": 16, "samples_every": 4,
         "kl": {"beta": 0.02}, "trainer": {"log_every_n_steps": 1}, **ppo}
     return params
 
 
-def test_tiny_ppo_raises_the_reward_and_exports_a_causal_lm(tmp_path, prepared, rlhf_inputs):
-    proc = run_stage("ppo", _ppo_params(prepared, rlhf_inputs, tmp_path), tmp_path)
+@pytest.fixture(scope="module")
+def whole_answers(tmp_path_factory) -> Path:
+    """A tiny site whose tokenizer covers the synthetic language (900 tokens: about a word a
+    token), so most prompts + answers fit in the tiny models' 96 tokens with their EOS. The
+    SFT policy learns to stop, and the reward model learns to judge finished answers, as on
+    the default data. (With the shared 400-token tokenizer almost every answer is cut at 96
+    tokens: the reward model never sees an EOS, and scored on the exact sampled ids it gives
+    every unfinished answer the same score.)"""
+    work = tmp_path_factory.mktemp("whole")
+    params = tiny_params(work, max_steps=60)
+    params["tokenizer"]["vocab_size"] = 900
+    params["reward"] = {"classification": {
+        "data": str(work / "prepared"), "sft_dir": str(work / "sft"), "out": str(work / "rm"),
+        "metrics": str(work / "rm.json"), "live_dir": str(work / "rm_live"), "checkpoint_dir": str(work / "rm_ckpt"),
+        "batch_size": 16, "max_length": 96, "max_epochs": -1, "max_steps": 40, "val_check_interval": 20,
+        "optim": {"lr": 3e-3}}}
+    for stage, args in (("synth", ()), ("data", ()), ("tokenizer", ()), ("sft", ()), ("reward", ("--kind", "classification"))):
+        proc = run_stage(stage, params, work, args=args)
+        assert proc.returncode == 0, proc.stderr
+    return work
+
+
+def test_tiny_ppo_raises_the_reward_and_exports_a_causal_lm(tmp_path, whole_answers):
+    params = _ppo_params(whole_answers, whole_answers, tmp_path, sample={"max_new_tokens": 48, "batch_size": 16})
+    proc = run_stage("ppo", params, tmp_path)
     assert proc.returncode == 0, proc.stderr
     m = json.loads((tmp_path / "ppo.json").read_text())
     assert m["iterations"] == 8 and m["steps"] == 8 * 2 * 2  # ppo_epochs x minibatches per iteration
+    assert m["sft"]["eos_rate"] > 0.3, m  # a good share of the answers end: the reward model judges those
     # Same prompts, same seeds; in units of the RM's score std on the SFT training answers.
     assert m["final"]["score_normalized"] > m["sft"]["score_normalized"] + 0.2, m
     assert m["sft"]["kl"] == 0.0 and m["final"]["kl"] > 0.0
@@ -204,8 +229,9 @@ def test_divergence_mid_run_keeps_the_last_good_checkpoint(tmp_path, prepared, r
                                                    eval_every=2)["ppo"])
         policy = build_policy(ModelConfig(), tok, cfg.sft_dir, "shared", cfg.reward_model)
         ref = load_frozen(cfg.sft_dir, tok, "causal")
-        module = PPOModule(policy, ref, rm, fmt, cfg, cfg.harness(), "fp", normalization(rm))
-        trainer = build_trainer(TrainerConfig(), cfg.harness(), tmp_path / "live", tmp_path / "ckpt", resume=resume)
+        engine = RolloutEngine(fmt, cfg.sample, cfg.max_prompt_length, cfg.max_length, cfg.micro_batch_size, ref, rm)
+        module = PPOModule(policy, engine, cfg, "fp", normalization(rm))
+        trainer = build_trainer(TrainerConfig(), module.loop(), tmp_path / "ckpt")
         sampler = LengthGroupedBatchSampler([len(r["question"]) for r in rows], cfg.rollout_batch_size, 0, drop_last=True)
         train = ResumableDataLoader(ListDataset(rows), sampler, PromptCollator(), module.completed_in_epoch)
         val = DataLoader(ListDataset(rows[:8]), batch_size=8, collate_fn=PromptCollator())
@@ -222,3 +248,39 @@ def test_divergence_mid_run_keeps_the_last_good_checkpoint(tmp_path, prepared, r
         fit(4, last, rm)
     assert last.read_bytes() == before
     assert torch.load(last, weights_only=True)["cqa_ppo"]["iteration"] == 2
+
+
+def test_reward_model_scores_exactly_the_sampled_ids(prepared, rlhf_inputs, tok):
+    """The rollout engine scores the prompt and response ids the policy saw and sampled: one by
+    one, unpadded, the reward model gives the same scores. Scoring the decoded text instead
+    (re-tokenised, EOS appended) gives other scores for answers that did not stop."""
+    from cqa_rlhf.data.tables import read_table
+    from cqa_rlhf.reward import reward_forward, score
+    from cqa_rlhf.rollout import score_generations
+
+    fmt = PromptFormatter(PromptConfig(), tok)
+    policy = load_frozen(rlhf_inputs / "sft", tok, "causal")
+    rm = load_frozen(rlhf_inputs / "rm", tok, "reward")
+    engine = RolloutEngine(fmt, SampleConfig(max_new_tokens=12, batch_size=8), 48, 96, 4, policy, rm)
+    questions = [r["question"] for r in read_table(prepared / "prepared" / "train" / "prompts").to_pylist()[:8]]
+    rollout = engine.rollout(policy, questions, seed=3)
+    with torch.no_grad():
+        alone = [float(reward_forward(rm, torch.tensor([g.prompt_ids + g.response_ids]),
+                                      torch.ones(1, len(g.prompt_ids) + len(g.response_ids), dtype=torch.long)))
+                 for g in rollout.gens]
+    assert rollout.raw_scores.tolist() == pytest.approx(alone, abs=1e-5)
+    assert [g.prompt_ids for g in rollout.gens] == [fmt.encode_prompt(q, 48) for q in questions]
+    text = score(rm, fmt, [(g.question, g.text) for g in rollout.gens], 96)
+    assert score_generations(rm, rollout.gens, tok.pad_token_id, 96, 8, retokenize=fmt) == text
+    unfinished = [i for i, g in enumerate(rollout.gens) if not g.ended]
+    assert unfinished and all(abs(text[i] - alone[i]) > 1e-4 for i in unfinished)
+
+
+def test_same_vocabulary(tok, tmp_path):
+    from cqa_rlhf.tokenizer import same_vocabulary
+
+    tok.save_pretrained(tmp_path / "t")
+    other = load_tokenizer(tmp_path / "t")
+    assert same_vocabulary(tok, other)
+    other.add_tokens(["<|extra|>"])
+    assert not same_vocabulary(tok, other)

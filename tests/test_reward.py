@@ -70,8 +70,10 @@ def test_scores_do_not_depend_on_padding_or_batch(rm_and_fmt):
 
 
 def test_missing_normalisation_is_an_error(rm_and_fmt):
-    with pytest.raises(ValueError, match="cqa_score_mean"):
-        normalization(rm_and_fmt[0])
+    from cqa_rlhf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^ppo\.reward_model: .* has no cqa_score_mean/std"):
+        normalization(rm_and_fmt[0], "ppo.reward_model")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,7 @@ def _reward_params(prepared: Path, work: Path, kind: str, **extra) -> dict:
     params["reward"] = {kind: {"data": str(prepared / "prepared"), "init": "model", "out": str(work / kind),
                                "metrics": str(work / f"{kind}.json"), "live_dir": str(work / "live"),
                                "checkpoint_dir": str(work / "ckpt"), "batch_size": 16, "max_length": 96,
-                               "max_epochs": -1, "max_steps": 80, "val_check_interval": 20, "lr": 3e-3, **extra}}
+                               "max_epochs": -1, "max_steps": 80, "val_check_interval": 20, "optim": {"lr": 3e-3}, **extra}}
     return params
 
 

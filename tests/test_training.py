@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-from cqa_rlhf.config import EarlyStopConfig, SFTConfig, TrainerConfig, TrainerOverride, parse_section
+from cqa_rlhf.config import EarlyStopConfig, OptimConfig, SFTConfig, TrainerConfig, TrainerOverride, parse_section
 from cqa_rlhf.training import build_trainer
 
 
@@ -15,24 +15,24 @@ def test_stage_override_replaces_only_the_keys_it_sets():
 
 
 def test_trainer_carries_the_stage_settings(tmp_path):
-    cfg = parse_section({"sft": {"max_steps": 7, "accumulate_grad_batches": 3, "gradient_clip_val": 0.5,
+    cfg = parse_section({"sft": {"max_steps": 7, "accumulate_grad_batches": 3, "optim": {"gradient_clip_val": 0.5},
                                  "val_check_interval": 4, "monitor": "val_loss",
                                  "early_stopping": {"enabled": True, "patience": 2},
                                  "trainer": {"log_every_n_steps": 50}}}, "sft", SFTConfig)
-    t = build_trainer(TrainerConfig(), cfg, tmp_path / "live", tmp_path / "ckpt")
+    t = build_trainer(cfg.trainer.apply(TrainerConfig()), cfg.loop(), tmp_path / "ckpt")
     assert t.max_steps == 7 and t.accumulate_grad_batches == 3 and t.gradient_clip_val == 0.5
     assert t.val_check_interval == 4 and t.log_every_n_steps == 50
     ckpt = next(c for c in t.callbacks if isinstance(c, ModelCheckpoint))
     assert ckpt.dirpath == str(tmp_path / "ckpt") and ckpt.monitor == "val_loss" and ckpt.save_last
     stop = next(c for c in t.callbacks if isinstance(c, EarlyStopping))
     assert stop.patience == 2 and stop.monitor == "val_loss"
-    off = build_trainer(TrainerConfig(), cfg.model_copy(update={"early_stopping": EarlyStopConfig()}),
-                        tmp_path / "live2", tmp_path / "ckpt2")
+    off = build_trainer(TrainerConfig(), cfg.model_copy(update={"early_stopping": EarlyStopConfig()}).loop(),
+                        tmp_path / "ckpt2")
     assert not any(isinstance(c, EarlyStopping) for c in off.callbacks)
     assert off.gradient_clip_val == 0.5
 
 
 def test_gradient_clipping_off_when_zero(tmp_path):
-    cfg = SFTConfig(max_steps=1, gradient_clip_val=0.0)
-    t = build_trainer(TrainerConfig(), cfg, tmp_path / "live", tmp_path / "ckpt")
+    cfg = SFTConfig(max_steps=1, optim=OptimConfig(gradient_clip_val=0.0))
+    t = build_trainer(TrainerConfig(), cfg.loop(), tmp_path / "ckpt")
     assert t.gradient_clip_val is None

@@ -10,15 +10,15 @@ answer is drawn as the evaluation draws it; flags override single sampling setti
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-import transformers
 from pydantic import ValidationError
 
 from cqa_rlhf.config import EvaluateConfig, PromptConfig, parse_section, read_params
 from cqa_rlhf.errors import ConfigError, DataError, cli
 from cqa_rlhf.generation import generate
-from cqa_rlhf.models import load_frozen
+from cqa_rlhf.models import exported_dir, load_frozen
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.tokenizer import load_tokenizer
 
@@ -35,7 +35,8 @@ def load_prompt(model_dir: Path, params: dict, params_path: str) -> PromptConfig
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m cqa_rlhf.answer", description=__doc__,
+    prog = sys.argv[0] if sys.argv[0].startswith("cqa-rlhf") else "python -m cqa_rlhf.answer"
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("question")
     ap.add_argument("--model", required=True, help="an exported policy directory (save_pretrained)")
@@ -50,9 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     question = args.question.strip()
     if not question:
         raise DataError("question is empty")
-    model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise DataError(f"{args.model}: not an exported model directory (no config.json)")
+    model_dir = exported_dir(args.model, "--model")
     params = read_params(args.params) if Path(args.params).is_file() else {}
     cfg = parse_section(params, "evaluate", EvaluateConfig, args.params)
     overrides = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
@@ -63,7 +62,6 @@ def main(argv: list[str] | None = None) -> None:
         err = exc.errors()[0]
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} (got {err['input']!r})") from None
 
-    transformers.utils.logging.disable_progress_bar()  # the answer alone on stdout, no loading bars
     tok = load_tokenizer(model_dir)
     fmt = PromptFormatter(load_prompt(model_dir, params, args.params), tok)
     try:

@@ -45,6 +45,12 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: Literal["left", "
     return ids, mask
 
 
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only: ``cumsum(mask) - 1`` (0 on left padding) [B, T], so
+    a row's outputs do not depend on its padding side or amount (ppo-details #11)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 class CausalLMCollator:
     """``input_ids`` [B, T] right-padded with the pad id, ``attention_mask`` [B, T] and
     ``labels`` [B, T] padded with IGNORE_INDEX; T is the longest sequence in the batch."""

@@ -8,6 +8,7 @@ dotted path instead of silently falling back to a default. No raw dicts travel p
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -280,23 +281,49 @@ class EarlyStopConfig(Section):
     min_delta: float = Field(0.0, ge=0.0)
 
 
+class OptimConfig(Section):
+    """The optimizer and its schedule, one section shape for every trained stage (``<stage>.optim``):
+    AdamW (no weight decay on biases and LayerNorms), linear warmup over ``warmup_frac`` of the
+    optimizer steps, then linear decay to 0, and gradient-norm clipping."""
+
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)  # never on biases and LayerNorms
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
+    warmup_frac: float = Field(0.05, ge=0.0, le=1.0)  # linear warmup, then linear decay to 0
+    gradient_clip_val: float = Field(1.0, ge=0.0)  # max gradient norm; 0: off
+
+
+@dataclass(frozen=True)
+class Loop:
+    """What the Lightning fit loop needs from a stage, in the Trainer's own units: ``max_steps``
+    counts optimizer steps, ``val_check_interval`` training batches. Each training module builds
+    its own (:meth:`TrainConfig.loop`, ``PPOModule.loop``), so no stage fakes another's config."""
+
+    max_steps: int
+    max_epochs: int
+    val_check_interval: int
+    monitor: str
+    monitor_mode: Literal["min", "max"]
+    limit_val_batches: int | float = 1.0
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None  # None: Lightning does not clip (manual optimisation clips itself)
+    early_stopping: EarlyStopConfig | None = None
+
+
 class TrainConfig(Section):
-    """What the shared training harness needs; SFT and the reward models extend it."""
+    """A supervised training stage (SFT, the reward models): batches, the fit loop, the
+    optimizer section, freeze options and the stage's trainer override."""
 
     seed: int = 0
     batch_size: int = Field(16, ge=1)
     eval_batch_size: int = Field(32, ge=1)
     max_length: int = Field(256, ge=8)
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.01, ge=0.0)  # never on biases and LayerNorms
-    betas: list[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
-    warmup_frac: float = Field(0.05, ge=0.0, le=1.0)  # linear warmup, then linear decay to 0
+    optim: OptimConfig = OptimConfig()
     max_epochs: int = Field(1, ge=-1)  # -1: bounded by max_steps
     max_steps: int = Field(-1, ge=-1)  # optimizer steps; -1: bounded by max_epochs
     val_check_interval: int = Field(100, ge=1)  # training batches between validations
     limit_val_batches: int | float = 1.0
     accumulate_grad_batches: int = Field(1, ge=1)
-    gradient_clip_val: float = Field(1.0, ge=0.0)  # 0: off
     monitor: str = "val_loss"  # the metric that picks the best checkpoint
     monitor_mode: Literal["min", "max"] = "min"
     early_stopping: EarlyStopConfig = EarlyStopConfig()
@@ -308,6 +335,13 @@ class TrainConfig(Section):
         if self.max_epochs == -1 and self.max_steps == -1:
             raise ValueError("set max_epochs or max_steps")
         return self
+
+    def loop(self) -> Loop:
+        return Loop(max_steps=self.max_steps, max_epochs=self.max_epochs, val_check_interval=self.val_check_interval,
+                    monitor=self.monitor, monitor_mode=self.monitor_mode, limit_val_batches=self.limit_val_batches,
+                    accumulate_grad_batches=self.accumulate_grad_batches,
+                    gradient_clip_val=self.optim.gradient_clip_val or None,
+                    early_stopping=self.early_stopping if self.early_stopping.enabled else None)
 
 
 class SampleConfig(Section):
@@ -395,13 +429,9 @@ class PPOConfig(Section):
     mini_batch_size: int = Field(64, ge=1)
     micro_batch_size: int = Field(64, ge=1)
     ppo_epochs: int = Field(4, ge=1)
-    lr: float = Field(1e-5, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    betas: list[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
-    warmup_frac: float = Field(0.0, ge=0.0, le=1.0)
-    gradient_clip_val: float = Field(1.0, ge=0.0)  # 0: off
+    optim: OptimConfig = OptimConfig(lr=1e-5, weight_decay=0.0, warmup_frac=0.0)
     max_prompt_length: int = Field(128, ge=8)  # the question is cut from its end to fit
-    max_length: int = Field(256, ge=8)  # truncation when the reward model scores prompt + answer
+    max_length: int = Field(256, ge=8)  # the reward model's input: sampled prompt + answer ids fit in it
     sample: SampleConfig = SampleConfig(max_new_tokens=96)
     critic: Literal["shared", "separate"] = "shared"  # value head on the policy, or a critic from the RM
     kl: KLConfig = KLConfig()
@@ -425,22 +455,14 @@ class PPOConfig(Section):
             raise ValueError("rollout_batch_size must be a multiple of mini_batch_size")
         if self.mini_batch_size % self.micro_batch_size:
             raise ValueError("mini_batch_size must be a multiple of micro_batch_size")
+        if self.max_prompt_length + self.sample.max_new_tokens > self.max_length:
+            raise ValueError("max_prompt_length + sample.max_new_tokens must be <= max_length "
+                             "(the reward model scores the sampled prompt and answer ids whole)")
         return self
 
     @property
     def updates_per_iteration(self) -> int:
         return self.ppo_epochs * self.rollout_batch_size // self.mini_batch_size
-
-    def harness(self) -> TrainConfig:
-        """What the shared harness needs: the optimizer, schedule, trainer override and freeze
-        options; steps count optimizer steps; validation is the held-out evaluation. Gradient
-        clipping is PPO's own (Lightning does not clip under manual optimisation)."""
-        return TrainConfig(
-            seed=self.seed, batch_size=self.rollout_batch_size, eval_batch_size=self.sample.batch_size,
-            max_length=self.max_length, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
-            warmup_frac=self.warmup_frac, max_epochs=-1, max_steps=self.iterations * self.updates_per_iteration,
-            val_check_interval=self.eval_every, accumulate_grad_batches=1, gradient_clip_val=0.0,
-            monitor="eval/score", monitor_mode="max", freeze=self.freeze, trainer=self.trainer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,9 +493,16 @@ class EvaluateConfig(Section):
     seed: int = 0
     max_questions: int | None = Field(None, ge=1)  # null: every test question
     max_prompt_length: int = Field(128, ge=8)
-    max_length: int = Field(256, ge=8)  # reward-model truncation
+    max_length: int = Field(256, ge=8)  # the reward models' input: sampled prompt + answer ids fit in it
     score_batch_size: int = Field(64, ge=1)
     sample: SampleConfig = SampleConfig(max_new_tokens=96, batch_size=64)
+
+    @model_validator(mode="after")
+    def _fits_reward_models(self) -> EvaluateConfig:
+        if self.max_prompt_length + self.sample.max_new_tokens > self.max_length:
+            raise ValueError("max_prompt_length + sample.max_new_tokens must be <= max_length "
+                             "(the reward models score the sampled prompt and answer ids whole)")
+        return self
 
 
 class CompareConfig(Section):

@@ -10,6 +10,8 @@ safetensors-only and never runs remote code.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +26,7 @@ from transformers import (
 )
 
 from cqa_rlhf.config import ModelConfig
+from cqa_rlhf.errors import DataError
 
 Kind = Literal["causal", "reward", "value"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,6 +88,26 @@ def build_model(model: ModelConfig, tokenizer: PreTrainedTokenizerBase, kind: Ki
     if new_head:  # N(0, 1/sqrt(d+1)) as in the RLHF literature (NID #15), not the LM's init
         nn.init.normal_(rm.score.weight, std=1 / math.sqrt(rm.config.hidden_size + 1))
     return rm
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; its previous mode comes back even if the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def exported_dir(path: str | Path, what: str) -> Path:
+    """``path`` if it is an exported model directory (a ``config.json`` in it); else a one-line
+    error naming ``what`` (the params key or flag that gave the path)."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise DataError(f"{path}: {what} is not an exported model directory (no config.json)")
+    return p
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:

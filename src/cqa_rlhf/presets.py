@@ -82,11 +82,11 @@ def preset_flags(preset_path: str | Path, params_path: str | Path) -> list[str]:
 
 
 @cli
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("preset")
     ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     print(" ".join(preset_flags(args.preset, args.params)))
 
 

@@ -46,7 +46,9 @@ class PromptFormatter:
         self._suffix_ids = self._ids(self.suffix)
 
     def _ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+        # verbose=False: a long question or answer is cut on purpose below, so transformers'
+        # "Token indices sequence length is longer than the specified maximum" is noise here.
+        return self.tok(text, add_special_tokens=False, verbose=False)["input_ids"] if text else []
 
     def prompt(self, question: str) -> str:
         return self.template.format(question=question)

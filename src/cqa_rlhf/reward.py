@@ -8,21 +8,21 @@ side or batch company: position ids always come from the attention mask.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cqa_rlhf.batches import pad_rows
-from cqa_rlhf.config import ClassificationConfig, RegressionConfig
+from cqa_rlhf.batches import pad_rows, position_ids
+from cqa_rlhf.config import PromptConfig, RegressionConfig, RewardKindConfig
+from cqa_rlhf.errors import ConfigError
 from cqa_rlhf.losses import center_penalty, pairwise_loss, regression_loss
+from cqa_rlhf.models import eval_mode, exported_dir, load_frozen
 from cqa_rlhf.prompts import PromptFormatter
-from cqa_rlhf.training import HarnessModule
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count real tokens only: ``cumsum(mask) - 1`` (0 on left padding) [B, T]."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
+from cqa_rlhf.tokenizer import load_tokenizer, same_vocabulary
+from cqa_rlhf.training import SupervisedModule
 
 
 def reward_forward(model: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -34,28 +34,51 @@ def reward_forward(model: PreTrainedModel, input_ids: torch.Tensor, mask: torch.
 @torch.no_grad()
 def score(model: PreTrainedModel, fmt: PromptFormatter, pairs: Sequence[tuple[str, str]], max_length: int,
           batch_size: int = 64) -> list[float]:
-    """Reward of each (question, answer): batches sorted by length, no gradient, the training
-    template and truncation. PPO and evaluation use this; nothing else re-implements scoring."""
-    was_training = model.training
-    model.eval()
+    """Reward of each (question, answer) text: batches sorted by length, no gradient, the training
+    template and truncation. The reward stage and re-tokenised judging use this; sampled answers
+    are scored on their exact ids (:func:`cqa_rlhf.rollout.score_generations`)."""
     encoded = [fmt.encode(q, a, max_length).input_ids for q, a in pairs]
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     out = [0.0] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
-        ids, mask = pad_rows([encoded[i] for i in idx], fmt.tok.pad_token_id)
-        for i, s in zip(idx, reward_forward(model, ids.to(model.device), mask.to(model.device)).tolist()):
-            out[i] = s
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start: start + batch_size]
+            ids, mask = pad_rows([encoded[i] for i in idx], fmt.tok.pad_token_id)
+            for i, s in zip(idx, reward_forward(model, ids.to(model.device), mask.to(model.device)).tolist()):
+                out[i] = s
     return out
 
 
-def normalization(model: PreTrainedModel) -> tuple[float, float]:
-    """(mean, std) stored by the reward stage; a model without them is an error, never 0/1."""
+def normalization(model: PreTrainedModel, what: str = "reward model") -> tuple[float, float]:
+    """(mean, std) stored by the reward stage; a model without them is a one-line error naming
+    ``what`` (the params key), never a silent 0/1."""
     mean, std = getattr(model.config, "cqa_score_mean", None), getattr(model.config, "cqa_score_std", None)
     if mean is None or std is None:
-        raise ValueError(f"{model.name_or_path}: reward model has no cqa_score_mean/std in its config")
+        raise ConfigError(f"{what}: {model.name_or_path} has no cqa_score_mean/std in its config.json "
+                          "(export it with the reward stage)")
     return float(mean), float(std)
+
+
+@dataclass
+class Judge:
+    """A frozen reward model ready to score sampled answers: ``retokenize`` is None when it shares
+    the policy's vocabulary (it then scores the exact sampled ids), else a formatter over its own
+    tokenizer; ``norm`` is the (mean, std) of its scores on the SFT training answers."""
+
+    model: PreTrainedModel
+    retokenize: PromptFormatter | None
+    norm: tuple[float, float]
+
+
+def load_judge(path: str | Path, what: str, prompt: PromptConfig, policy_tok: PreTrainedTokenizerBase,
+               dtype: str = "float32") -> Judge:
+    """An exported reward model (``what``: the params key naming it) as a :class:`Judge` for a
+    policy with tokenizer ``policy_tok``."""
+    rm_dir = exported_dir(path, what)
+    rm_tok = load_tokenizer(rm_dir)
+    same = same_vocabulary(rm_tok, policy_tok)
+    model = load_frozen(rm_dir, policy_tok if same else rm_tok, "reward", dtype)
+    return Judge(model, None if same else PromptFormatter(prompt, rm_tok), normalization(model, what))
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,10 +124,14 @@ def pair_lengths(items: list[dict]) -> list[int]:
     return [max(len(x["chosen"]), len(x["rejected"])) for x in items]
 
 
+def item_lengths(items: list[dict]) -> list[int]:
+    return [len(x["input_ids"]) for x in items]
+
+
 # --------------------------------------------------------------------------------------------
 # Training modules
 # --------------------------------------------------------------------------------------------
-class _ValAccumulator(HarnessModule):
+class _ValAccumulator(SupervisedModule):
     """Exact validation means over all batches (summed, then reduced across processes)."""
 
     _keys: tuple[str, ...] = ()
@@ -149,10 +176,6 @@ class PairwiseModule(_ValAccumulator):
 
     _keys = ("loss", "accuracy", "margin")
 
-    def __init__(self, model: PreTrainedModel, cfg: ClassificationConfig, fingerprint: str) -> None:
-        super().__init__(model, cfg, fingerprint)
-        self.cfg = cfg
-
     def _rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         r = reward_forward(self.model, batch["input_ids"], batch["attention_mask"])  # [2B]
         b = r.shape[0] // 2
@@ -193,3 +216,49 @@ def pair_metrics(chosen: Sequence[float], rejected: Sequence[float], chosen_text
     return {"pairs": n, "pairwise_accuracy": round(acc, 4),
             "mean_margin": round(sum(c - r for c, r in zip(chosen, rejected)) / n, 4),
             "length_baseline_accuracy": round(length, 4), "chance_accuracy": 0.5}
+
+
+def test_pair_metrics(model: PreTrainedModel, fmt: PromptFormatter, rows: list[dict],
+                      cfg: RewardKindConfig) -> dict[str, float]:
+    """:func:`pair_metrics` of ``model`` on ``rows`` of a ``pairs`` table."""
+    rc = score(model, fmt, [(r["question"], r["chosen"]) for r in rows], cfg.max_length, cfg.score_batch_size)
+    rr = score(model, fmt, [(r["question"], r["rejected"]) for r in rows], cfg.max_length, cfg.score_batch_size)
+    return pair_metrics(rc, rr, [r["chosen"] for r in rows], [r["rejected"] for r in rows])
+
+
+def regression_validation(model: PreTrainedModel, fmt: PromptFormatter, rows: list[dict],
+                          cfg: RewardKindConfig) -> dict[str, float]:
+    """MAE and sign accuracy of the predicted scores on ``rows`` of a ``reward`` table."""
+    pred = score(model, fmt, [(r["question"], r["answer"]) for r in rows], cfg.max_length, cfg.score_batch_size)
+    n = max(len(rows), 1)
+    return {"val_mae": round(sum(abs(p - r["score"]) for p, r in zip(pred, rows)) / n, 6),
+            "val_sign_accuracy": round(sum((p > 0) == (r["score"] > 0) for p, r in zip(pred, rows)) / n, 6)}
+
+
+def pairwise_validation(model: PreTrainedModel, fmt: PromptFormatter, rows: list[dict],
+                        cfg: RewardKindConfig) -> dict[str, float]:
+    """Pairwise accuracy on ``rows`` of a ``pairs`` table."""
+    rc = score(model, fmt, [(r["question"], r["chosen"]) for r in rows], cfg.max_length, cfg.score_batch_size)
+    rr = score(model, fmt, [(r["question"], r["rejected"]) for r in rows], cfg.max_length, cfg.score_batch_size)
+    return {"val_pairwise_accuracy": round(sum(c > r for c, r in zip(rc, rr)) / max(len(rows), 1), 6)}
+
+
+@dataclass(frozen=True)
+class RewardKind:
+    """Everything that differs between the two reward models, in one place: the prepared table it
+    trains on, how rows become items and batches, the module, and its validation figures."""
+
+    table: str
+    encode: Callable[[list[dict], PromptFormatter, int], list[dict]]
+    collator: Callable[[int], Callable[[list[dict]], dict[str, torch.Tensor]]]
+    lengths: Callable[[list[dict]], list[int]]
+    module: type[SupervisedModule]
+    validation: Callable[[PreTrainedModel, PromptFormatter, list[dict], RewardKindConfig], dict[str, float]]
+
+
+KINDS: dict[str, RewardKind] = {
+    "regression": RewardKind("reward", encode_scored, ScoredCollator, item_lengths, RegressionModule,
+                             regression_validation),
+    "classification": RewardKind("pairs", encode_pairs, PairCollator, pair_lengths, PairwiseModule,
+                                 pairwise_validation),
+}

@@ -12,7 +12,8 @@ from transformers import PreTrainedModel
 from cqa_rlhf.batches import CausalLMCollator, EvalBatchSampler, ListDataset
 from cqa_rlhf.config import TrainConfig
 from cqa_rlhf.prompts import IGNORE_INDEX, PromptFormatter
-from cqa_rlhf.training import HarnessModule
+from cqa_rlhf.models import eval_mode
+from cqa_rlhf.training import SupervisedModule
 
 
 def encode_sft(rows: list[dict], fmt: PromptFormatter, max_length: int) -> list[dict]:
@@ -44,19 +45,17 @@ def eval_loader(items: list[dict], batch_size: int, pad_token_id: int, rank: int
 @torch.no_grad()
 def evaluate_loss(model: PreTrainedModel, loader: DataLoader) -> dict[str, float]:
     """Token-level validation loss and perplexity of ``model`` (eval mode, no grad)."""
-    was_training = model.training
-    model.eval()
     total, count = torch.zeros((), dtype=torch.float64), 0
-    for batch in loader:
-        s, n = token_loss_sums(model, batch)
-        total += s.double()
-        count += int(n)
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in loader:
+            s, n = token_loss_sums(model, batch)
+            total += s.double()
+            count += int(n)
     loss = float(total / max(count, 1))
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
-class SFTModule(HarnessModule):
+class SFTModule(SupervisedModule):
     """Causal-LM fine-tuning on answer tokens; logs ``train_loss``, ``val_loss``, ``val_perplexity``."""
 
     def __init__(self, model: PreTrainedModel, train: TrainConfig, fingerprint: str) -> None:

@@ -56,3 +56,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     tok = AutoTokenizer.from_pretrained(str(path))
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id, path
     return tok
+
+
+def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """Both map every token to the same id (and agree on EOS and pad): ids from one are ids of the other."""
+    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+            and a.pad_token_id == b.pad_token_id)

@@ -1,9 +1,10 @@
-"""The one Lightning training harness shared by SFT and both reward models.
+"""The one Lightning training harness shared by every training stage (SFT, reward models, PPO).
 
 What every training stage gets from here: AdamW without weight decay on biases and LayerNorms,
-linear warmup (a fraction of the steps) then linear decay, gradient clipping and accumulation,
-precision/devices/strategy from the shared ``trainer`` section, validation every N batches,
-best-checkpoint selection on a named metric, optional early stopping, the freeze options,
+linear warmup (a fraction of the steps) then linear decay (the stage's ``optim`` section),
+precision/devices/strategy from the shared ``trainer`` section, the fit loop its module asks for
+(:class:`~cqa_rlhf.config.Loop`), best-checkpoint selection on a named metric, optional early
+stopping, the freeze options, global-batch losses under data parallelism, a progress bar,
 DVCLive logging that never rewrites ``dvc.yaml``, and resumption from ``last.ckpt`` -- only when
 the checkpoint was made with the same params and data (its *fingerprint*).
 """
@@ -24,10 +25,13 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from cqa_rlhf.config import FreezeConfig, TrainConfig, TrainerConfig
-from cqa_rlhf.io import hash_paths, replace_dir, staging_dir
+from cqa_rlhf.config import FreezeConfig, Loop, OptimConfig, TrainConfig, TrainerConfig
+from cqa_rlhf.errors import ConfigError, CqaError
+from cqa_rlhf.io import hash_paths, replace_dir, staging_dir, write_json_atomic, write_text_atomic
+from cqa_rlhf.progress import progress_enabled, quiet
 
 FINGERPRINT_FILE = "fingerprint.json"
 
@@ -80,20 +84,44 @@ def apply_freeze(model: nn.Module, cfg: FreezeConfig, num_layers: int) -> dict[s
 # The LightningModule base
 # --------------------------------------------------------------------------------------------
 class HarnessModule(L.LightningModule):
-    """Base of every training stage's module: optimizer, schedule, RNG state in checkpoints."""
+    """Base of every training stage's module: optimizer, schedule, RNG state in checkpoints.
 
-    def __init__(self, model: nn.Module, train: TrainConfig, fingerprint: str) -> None:
+    A subclass owns its step semantics: :meth:`loop` (what the Trainer runs), :meth:`curve_step`
+    (a checkpoint's position on the curves' x axis) and the progress bar's :meth:`progress`."""
+
+    progress_keys: tuple[str, ...] = ("train_loss",)  # logged metrics the progress bar shows
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, fingerprint: str) -> None:
         super().__init__()
         self.model = model
-        self.train_cfg = train
+        self.optim = optim
         self.fingerprint = fingerprint
 
+    def loop(self) -> Loop:
+        raise NotImplementedError
+
+    @staticmethod
+    def curve_step(checkpoint: dict) -> int:
+        """Where a checkpoint sits on the DVCLive curves' x axis (default: its global step)."""
+        return int(checkpoint["global_step"])
+
+    def progress(self) -> tuple[int, int]:
+        """(done, total) training batches of the whole run, for the progress bar."""
+        accumulate = self.trainer.accumulate_grad_batches
+        return self.trainer.global_step * accumulate, int(self.trainer.estimated_stepping_batches) * accumulate
+
     def configure_optimizers(self):
-        cfg = self.train_cfg
+        cfg = self.optim
         opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
         total = int(self.trainer.estimated_stepping_batches)
         sched = get_linear_schedule_with_warmup(opt, round(cfg.warmup_frac * total), max(total, 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        # Trained in train mode, with the dropout its config asks for (a model loaded with
+        # from_pretrained starts in eval mode, and Lightning no longer switches it). PPO turns
+        # dropout off on purpose (models.disable_dropout), so its mode changes nothing.
+        self.model.train()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Tensors and plain types only, so resuming loads with weights_only=True.
@@ -125,9 +153,13 @@ class HarnessModule(L.LightningModule):
         """W / N in float64: N the ``count`` summed over the W processes (one all-reduce); 1 / count
         with one process. Weighting a process's *sum* by it gives its share of the global mean."""
         n = torch.as_tensor(count, dtype=torch.float64, device=self.device)
-        world = self.trainer.world_size
-        total = self.trainer.strategy.reduce(n.clone(), reduce_op="sum") if world > 1 else n
-        return world / total.clamp(min=1)
+        return self.trainer.world_size / self.all_sum(n).clamp(min=1)
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the data-parallel processes (``x`` itself with one process)."""
+        if self.trainer.world_size == 1:
+            return x
+        return self.trainer.strategy.reduce(x.clone(), reduce_op="sum")
 
     def train_loss(self, local_mean: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
         """:meth:`global_mean` of the batch loss, logged as ``train_loss`` (the global batch's mean)."""
@@ -152,8 +184,20 @@ class HarnessModule(L.LightningModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
 
-class ReplicaMismatchError(RuntimeError):
-    pass
+class SupervisedModule(HarnessModule):
+    """A module trained on a fixed dataset (SFT, the reward models): its loop and optimizer come
+    from its :class:`~cqa_rlhf.config.TrainConfig`."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, fingerprint: str) -> None:
+        super().__init__(model, cfg.optim, fingerprint)
+        self.cfg = cfg
+
+    def loop(self) -> Loop:
+        return self.cfg.loop()
+
+
+class ReplicaMismatchError(CqaError):
+    """Processes ended a data-parallel fit with different weights (reported as one line)."""
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -166,8 +210,24 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+# Lightning strategy names under which each process holds only a shard of the weights.
+SHARDED_STRATEGIES = ("fsdp", "deepspeed_stage_3")
+
+
+def is_sharded(strategy: str) -> bool:
+    """FSDP, and DeepSpeed ZeRO stage 3 (``trainer.strategy`` names): weights split over processes."""
+    return strategy.startswith(SHARDED_STRATEGIES)
+
+
+def refuse_sharded(trainer: TrainerConfig, stage: str, why: str) -> None:
+    """A stage that needs whole weights on every process stops with one line under a sharded strategy."""
+    if is_sharded(trainer.strategy):
+        raise ConfigError(f"trainer.strategy {trainer.strategy!r} shards the policy's weights, "
+                          f"and {stage} {why}; use ddp (see the README's memory table)")
+
+
 def shards_weights(strategy) -> bool:
-    """FSDP, and DeepSpeed ZeRO stage 3: each process holds a shard of the weights."""
+    """The running Lightning strategy object shards the weights (see :func:`is_sharded`)."""
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
     if isinstance(strategy, FSDPStrategy):
@@ -201,60 +261,86 @@ def _py_rng_from(saved: list) -> tuple:
 # --------------------------------------------------------------------------------------------
 # Trainer, checkpoints and resumption
 # --------------------------------------------------------------------------------------------
-def prepare_run(shared: TrainerConfig, train: TrainConfig, live_dir: str | Path, ckpt_dir: str | Path,
-                fp: str, stage: str, callbacks: Sequence[L.Callback] = (),
-                curve_step: Callable[[dict], int] | None = None) -> tuple[L.Trainer, Path | None]:
-    """The stage's Trainer and the checkpoint its fit resumes from (None: a fresh start).
+class StepProgress(L.Callback):
+    """One bar for the whole fit, in the module's own units (``module.progress()``: training
+    batches, or PPO iterations), with the module's ``progress_keys`` metrics beside it."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: tqdm | None = None
+
+    def on_train_start(self, trainer: L.Trainer, module) -> None:
+        if trainer.is_global_zero:
+            done, total = module.progress()
+            self.bar = tqdm(total=total, initial=done, desc=self.desc, unit="step", dynamic_ncols=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
+        if self.bar is None:
+            return
+        done, _ = module.progress()
+        self.bar.update(done - self.bar.n)
+        shown = {k.split("/")[-1]: float(trainer.callback_metrics[k]) for k in module.progress_keys
+                 if k in trainer.callback_metrics}
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def on_train_end(self, trainer: L.Trainer, module) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def prepare_run(trainer_cfg: TrainerConfig, module: HarnessModule, live_dir: str | Path, ckpt_dir: str | Path,
+                fp: str, stage: str, callbacks: Sequence[L.Callback] = ()) -> tuple[L.Trainer, Path | None]:
+    """The stage's Trainer (for ``module``'s loop) and the checkpoint its fit resumes from (None:
+    a fresh start).
 
     The Trainer comes first, so its global rank is known (Lightning reads it from the launcher's
     environment: subprocess DDP, torchrun, SLURM): rank 0 decides whether to resume, clears a
     stale checkpoint directory and trims the curves; other ranks only read, so no two processes
     write the same files. Then the DVCLive logger is attached."""
-    trainer = build_trainer(shared, train, live_dir, ckpt_dir, callbacks=callbacks, logger=False)
+    bar = [StepProgress(stage)] if progress_enabled() else []
+    trainer = build_trainer(trainer_cfg, module.loop(), ckpt_dir, callbacks=[*callbacks, *bar], logger=False)
     zero = trainer.is_global_zero
     resume = resume_checkpoint(ckpt_dir, fp, stage, clean=zero)
-    trainer.loggers = [_live_logger(live_dir, resume, curve_step, trim=zero)]
+    if resume is not None and zero:
+        saved = torch.load(resume, map_location="cpu", weights_only=True)
+        trim_live_curves(live_dir, module.curve_step(saved))
+    trainer.loggers = [live_logger(live_dir, resume is not None)]
     return trainer, resume
 
 
-def _live_logger(live_dir: str | Path, resume: Path | None, curve_step: Callable[[dict], int] | None,
-                 trim: bool = True):
+def live_logger(live_dir: str | Path, resume: bool = False):
     """DVCLive logger. When resuming, the curves logged before the checkpoint are kept (the live
-    dir is a persistent DVC output) and those logged after it by the interrupted run are dropped,
-    as that part is trained again. ``curve_step`` reads the checkpoint's position in the curves'
-    x units (default: its global step)."""
+    dir is a persistent DVC output; :func:`prepare_run` drops those the interrupted run logged
+    after it, as that part is trained again)."""
     from dvclive.lightning import DVCLiveLogger
 
-    if resume is not None and trim:
-        saved = torch.load(resume, map_location="cpu", weights_only=True)
-        trim_live_curves(live_dir, curve_step(saved) if curve_step is not None else saved["global_step"])
     # dvcyaml=False and save_dvc_exp=False: DVCLive must not rewrite dvc.yaml or make its own
     # experiments; the stage declares its metrics and plots in dvc.yaml (cache: false).
-    return DVCLiveLogger(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, resume=resume is not None)
+    return DVCLiveLogger(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, resume=resume)
 
 
-def build_trainer(shared: TrainerConfig, train: TrainConfig, live_dir: str | Path, ckpt_dir: str | Path,
-                  resume: Path | None = None, callbacks: Sequence[L.Callback] = (),
-                  curve_step: Callable[[dict], int] | None = None, logger=None) -> L.Trainer:
-    """A Trainer from the shared ``trainer`` section and the stage's settings, logging to DVCLive
-    (or to ``logger``; False: none). Stages use :func:`prepare_run`, which also decides resuming."""
-    t = train.trainer.apply(shared)
-    if logger is None:
-        logger = _live_logger(live_dir, resume, curve_step)
-    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=train.monitor,
-                                 mode=train.monitor_mode, save_top_k=1, save_last=True,
+def build_trainer(trainer_cfg: TrainerConfig, loop: Loop, ckpt_dir: str | Path, callbacks: Sequence[L.Callback] = (),
+                  logger=False) -> L.Trainer:
+    """A Trainer from the resolved ``trainer`` section and a module's loop, checkpointing the best
+    and the last state to ``ckpt_dir``; ``logger`` False: none (stages use :func:`prepare_run`,
+    which attaches DVCLive and decides resuming)."""
+    t = trainer_cfg
+    quiet()
+    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=loop.monitor,
+                                 mode=loop.monitor_mode, save_top_k=1, save_last=True,
                                  auto_insert_metric_name=False)
     cbs: list[L.Callback] = [checkpoint, *callbacks]
-    if train.early_stopping.enabled:
-        cbs.append(EarlyStopping(monitor=train.monitor, mode=train.monitor_mode,
-                                 patience=train.early_stopping.patience, min_delta=train.early_stopping.min_delta))
+    if loop.early_stopping is not None:
+        cbs.append(EarlyStopping(monitor=loop.monitor, mode=loop.monitor_mode,
+                                 patience=loop.early_stopping.patience, min_delta=loop.early_stopping.min_delta))
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
         precision=t.precision, deterministic=t.deterministic, log_every_n_steps=t.log_every_n_steps,
-        max_epochs=train.max_epochs, max_steps=train.max_steps,
-        val_check_interval=train.val_check_interval, check_val_every_n_epoch=None,
-        limit_val_batches=train.limit_val_batches, accumulate_grad_batches=train.accumulate_grad_batches,
-        gradient_clip_val=train.gradient_clip_val or None, logger=logger, callbacks=cbs,
+        max_epochs=loop.max_epochs, max_steps=loop.max_steps,
+        val_check_interval=loop.val_check_interval, check_val_every_n_epoch=None,
+        limit_val_batches=loop.limit_val_batches, accumulate_grad_batches=loop.accumulate_grad_batches,
+        gradient_clip_val=loop.gradient_clip_val, logger=logger, callbacks=cbs,
         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False,  # our batch sampler shards by rank itself
         default_root_dir=str(ckpt_dir),
@@ -313,7 +399,7 @@ def resume_checkpoint(ckpt_dir: str | Path, fp: str, stage: str, clean: bool = T
         print(f"{stage}: not resuming: no usable last.ckpt in {ckpt_dir}; starting fresh", file=sys.stderr)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     ckpt_dir.mkdir(parents=True)
-    fp_file.write_text(json.dumps({"fingerprint": fp}) + "\n")
+    write_text_atomic(fp_file, json.dumps({"fingerprint": fp}) + "\n")
     return None
 
 
@@ -340,7 +426,19 @@ def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out:
     tmp = staging_dir(out)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")  # in staging
     if extra is not None:
         extra(tmp)
     replace_dir(tmp, out)
+
+
+def publish(trainer: L.Trainer, model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: str | Path, params: dict,
+            metrics_path: str | Path, metrics: dict, summary: str,
+            extra: Callable[[Path], None] | None = None) -> None:
+    """The end of a training stage, on rank 0 only: the exported model (:func:`export_pretrained`),
+    the metrics file, and the stage's one summary line on stdout."""
+    if not trainer.is_global_zero:
+        return
+    export_pretrained(model, tokenizer, out, params, extra)
+    write_json_atomic(metrics_path, metrics)
+    print(summary)

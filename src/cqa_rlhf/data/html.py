@@ -49,73 +49,88 @@ class _Writer:
 
 def _walk(el: etree._Element, out: _Writer, list_stack: list[list[int | None]]) -> None:
     tag = el.tag if isinstance(el.tag, str) else ""
-    if tag == "pre":
-        code = "".join(el.itertext()).replace("\r\n", "\n").strip("\n")
-        if code.strip():
-            out.raw_block("```\n" + code + "\n```")
-        out.text(el.tail)
-        return
-    if tag in ("ul", "ol"):
+    if tag in _WHOLE:
+        _WHOLE[tag](el, out)
+    elif tag in ("ul", "ol"):
+        _walk_list(el, tag, out, list_stack)
+    elif tag == "blockquote":
         out.end_block()
-        list_stack.append([1 if tag == "ol" else None])
-        out.text(el.text if el.text and el.text.strip() else None)
-        items: list[str] = []
-        for child in el:
-            if isinstance(child.tag, str) and child.tag == "li":
-                sub = _Writer()
-                _walk_children(child, sub, list_stack)
-                sub.end_block()
-                body = "\n".join(sub.blocks).strip()
-                if body:
-                    counter = list_stack[-1][0]
-                    marker = f"{counter}." if counter is not None else "-"
-                    if counter is not None:
-                        list_stack[-1][0] = counter + 1
-                    lines = body.split("\n")
-                    pad = " " * (len(marker) + 1)
-                    items.append(f"{marker} {lines[0]}" + "".join("\n" + pad + ln if ln else "\n" for ln in lines[1:]))
-            else:
-                _walk(child, out, list_stack)
-        list_stack.pop()
-        if items:
-            out.raw_block("\n".join(items))
-        out.text(el.tail)
-        return
-    if tag == "br":
-        # A line break inside a paragraph ends that line; keep it as a paragraph boundary.
-        out.end_block()
-        out.text(el.tail)
-        return
-    if tag == "img":
-        out.text(el.get("alt") or "")
-        out.text(el.tail)
-        return
-    if tag == "code":
-        inner = "".join(el.itertext())
-        out.text(f"`{inner}`" if inner.strip() else inner)
-        out.text(el.tail)
-        return
-    if tag == "a":
-        inner = "".join(el.itertext())
-        out.text(inner if inner.strip() else (el.get("href") or ""))
-        out.text(el.tail)
-        return
-    block = tag in _BLOCK
-    if block:
-        out.end_block()
-    if tag == "blockquote":
         sub = _Writer()
         _walk_children(el, sub, list_stack)
         sub.end_block()
         if sub.blocks:
             quoted = "\n>\n".join("\n".join("> " + ln for ln in b.split("\n")) for b in sub.blocks)
             out.raw_block(quoted)
-        out.text(el.tail)
-        return
-    _walk_children(el, out, list_stack)
-    if block:
-        out.end_block()
+    else:
+        block = tag in _BLOCK
+        if block:
+            out.end_block()
+        _walk_children(el, out, list_stack)
+        if block:
+            out.end_block()
     out.text(el.tail)
+
+
+def _pre(el: etree._Element, out: _Writer) -> None:
+    code = "".join(el.itertext()).replace("\r\n", "\n").strip("\n")
+    if code.strip():
+        out.raw_block("```\n" + code + "\n```")
+
+
+def _br(el: etree._Element, out: _Writer) -> None:
+    out.end_block()  # a line break inside a paragraph ends that line: keep it as a paragraph boundary
+
+
+def _img(el: etree._Element, out: _Writer) -> None:
+    out.text(el.get("alt") or "")
+
+
+def _code(el: etree._Element, out: _Writer) -> None:
+    inner = "".join(el.itertext())
+    out.text(f"`{inner}`" if inner.strip() else inner)
+
+
+def _a(el: etree._Element, out: _Writer) -> None:
+    inner = "".join(el.itertext())
+    out.text(inner if inner.strip() else (el.get("href") or ""))
+
+
+# Elements written whole by one function (their tail follows in _walk).
+_WHOLE = {"pre": _pre, "br": _br, "img": _img, "code": _code, "a": _a}
+
+
+def _walk_list(el: etree._Element, tag: str, out: _Writer, list_stack: list[list[int | None]]) -> None:
+    """A ``ul``/``ol`` as ``- `` / ``1. `` items, nested items indented under their marker."""
+    out.end_block()
+    list_stack.append([1 if tag == "ol" else None])
+    out.text(el.text if el.text and el.text.strip() else None)
+    items: list[str] = []
+    for child in el:
+        if isinstance(child.tag, str) and child.tag == "li":
+            item = _list_item(child, list_stack)
+            if item:
+                items.append(item)
+        else:
+            _walk(child, out, list_stack)
+    list_stack.pop()
+    if items:
+        out.raw_block("\n".join(items))
+
+
+def _list_item(li: etree._Element, list_stack: list[list[int | None]]) -> str:
+    sub = _Writer()
+    _walk_children(li, sub, list_stack)
+    sub.end_block()
+    body = "\n".join(sub.blocks).strip()
+    if not body:
+        return ""
+    counter = list_stack[-1][0]
+    marker = f"{counter}." if counter is not None else "-"
+    if counter is not None:
+        list_stack[-1][0] = counter + 1
+    lines = body.split("\n")
+    pad = " " * (len(marker) + 1)
+    return f"{marker} {lines[0]}" + "".join("\n" + pad + ln if ln else "\n" for ln in lines[1:])
 
 
 def _walk_children(el: etree._Element, out: _Writer, list_stack: list[list[int | None]]) -> None:

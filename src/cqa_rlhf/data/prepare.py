@@ -47,6 +47,7 @@ from cqa_rlhf.data.stackexchange import (
 from cqa_rlhf.data.tables import OUT_SCHEMAS, SPLITS, TABLES, part_name
 from cqa_rlhf.errors import ConfigError, DataError
 from cqa_rlhf.io import replace_dir
+from cqa_rlhf.progress import bar
 
 _TWO64 = float(2**64)
 
@@ -243,11 +244,11 @@ def shard_dump(dump: DumpSource, workdir: Path, n_shards: int, cfg: DataConfig, 
     ranges = plan_ranges(dump, workers) if workers >= 2 and get_pool is not None else None
     if ranges is not None:
         assert get_pool is not None
-        pool = get_pool()
         tasks = [(dump, a, b, str(workdir), n_shards, f"r{i}", flush_bytes, cfg.split_seed)
                  for i, (a, b) in enumerate(ranges)]
         stats = IngestStats()
-        for part in pool.imap_unordered(_range_worker, tasks):
+        for part in bar(get_pool().imap_unordered(_range_worker, tasks), f"reading {dump.label}",
+                        total=len(tasks), unit="range"):
             stats.add(part)
         return stats
     posts = iter_posts(dump)
@@ -256,59 +257,70 @@ def shard_dump(dump: DumpSource, workdir: Path, n_shards: int, cfg: DataConfig, 
         stats = _ingest_posts(posts, writer, cfg.split_seed)
         writer.close()
         return stats
-    ctx = mp.get_context("spawn")  # no fork: the parent may hold threads (7z reader)
-    # Each queue holds at most 2 batches per worker: the parser cannot run ahead of the
-    # cleaners by more than that, so memory stays bounded when parsing is the faster step.
-    inbox: mp.Queue = ctx.Queue(maxsize=2 * workers)
-    outbox: mp.Queue = ctx.Queue()
-    procs = [
-        ctx.Process(target=_worker, args=(inbox, outbox, str(workdir), n_shards, f"w{i}",
-                                          flush_bytes, cfg.split_seed), daemon=True)
-        for i in range(workers)
-    ]
-    for p in procs:
-        p.start()
+    with _Cleaners(workers, (str(workdir), n_shards, flush_bytes, cfg.split_seed)) as cleaners:
+        for batch in _batched(posts, 1000):
+            cleaners.put(batch)
+        return cleaners.finish()
 
-    def alive_or_raise() -> None:
-        for p in procs:
+
+class _Cleaners:
+    """``workers`` processes that clean and shard batches of posts this process parses. Each
+    queue holds at most 2 batches per worker: the parser cannot run ahead of the cleaners by
+    more than that, so memory stays bounded when parsing is the faster step. A failed worker or
+    bad input stops the others at once."""
+
+    def __init__(self, workers: int, args: tuple) -> None:
+        ctx = mp.get_context("spawn")  # no fork: the parent may hold threads (7z reader)
+        self.inbox: mp.Queue = ctx.Queue(maxsize=2 * workers)
+        self.outbox: mp.Queue = ctx.Queue()
+        workdir, n_shards, flush_bytes, split_seed = args
+        self.procs = [ctx.Process(target=_worker, args=(self.inbox, self.outbox, workdir, n_shards, f"w{i}",
+                                                        flush_bytes, split_seed), daemon=True)
+                      for i in range(workers)]
+
+    def __enter__(self) -> _Cleaners:
+        for p in self.procs:
+            p.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            for p in self.procs:  # bad input or a failed worker: stop the others now
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=10)
+
+    def alive_or_raise(self) -> None:
+        for p in self.procs:
             if p.exitcode not in (None, 0):
                 raise RuntimeError(f"prepare worker {p.name} died with exit code {p.exitcode}")
 
-    def put(item: object) -> None:
+    def put(self, item: object) -> None:
         while True:  # never block forever on a queue whose consumer died
             try:
-                inbox.put(item, timeout=1.0)
+                self.inbox.put(item, timeout=1.0)
                 return
             except queue.Full:
-                alive_or_raise()
+                self.alive_or_raise()
 
-    stats = IngestStats()
-    try:
-        for batch in _batched(posts, 1000):
-            put(batch)
-        for _ in procs:
-            put(None)
-        pending = len(procs)
+    def finish(self) -> IngestStats:
+        """Tell every worker to stop, and sum what they report."""
+        for _ in self.procs:
+            self.put(None)
+        stats, pending = IngestStats(), len(self.procs)
         while pending:
             try:
-                status, payload = outbox.get(timeout=1.0)
+                status, payload = self.outbox.get(timeout=1.0)
             except queue.Empty:
-                alive_or_raise()
-                if all(p.exitcode == 0 for p in procs) and outbox.empty():
+                self.alive_or_raise()
+                if all(p.exitcode == 0 for p in self.procs) and self.outbox.empty():
                     raise RuntimeError("prepare worker exited without reporting") from None
                 continue
             pending -= 1
             if status != "ok":
                 raise RuntimeError(f"prepare worker failed: {payload}")
             stats.add(payload)
-    except BaseException:
-        for p in procs:  # bad input or a failed worker: stop the others now
-            p.terminate()
-        raise
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-    return stats
+        return stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,6 +447,29 @@ def build_shard(q: dict, a: dict, cfg: DataConfig, stats: BuildStats) -> dict[st
     return out
 
 
+def _pair_indices(answers: list[_Answer], acc: int, scored: list[int], cfg: DataConfig) -> list[tuple[int, int, str]]:
+    """(chosen, rejected, source) answer indices of a question's pairs, at most
+    ``max_pairs_per_question``, accepted pairs first, then by vote gap. The accepted answer is
+    never "rejected" while accepted pairs are on, so the two sources never contradict each
+    other; equal votes never make a pair (min_score_gap >= 1)."""
+    pc, ids = cfg.pairs, [x.id for x in answers]
+    pairs: list[tuple[int, int, str]] = []
+    if pc.accepted and acc >= 0:
+        pairs.extend((acc, k, "accepted") for k in range(len(answers)) if k != acc)
+    if pc.by_score:
+        by_gap = []
+        for c in scored:
+            for r in scored:
+                if c == acc and pc.accepted or (pc.accepted and r == acc):
+                    continue
+                gap = answers[c].votes - answers[r].votes  # type: ignore[operator]
+                if gap >= pc.min_score_gap:
+                    by_gap.append((-gap, ids[c], ids[r], c, r))
+        by_gap.sort()
+        pairs.extend((c, r, "score") for _, _, _, c, r in by_gap)
+    return pairs[: pc.max_pairs_per_question]
+
+
 def _emit_question(qid: int, question: str, accepted: int | None, answers: list[_Answer],
                    cfg: DataConfig, out: dict[str, list[tuple]], sums: dict[str, float]) -> None:
     ids = [x.id for x in answers]
@@ -467,24 +502,7 @@ def _emit_question(qid: int, question: str, accepted: int | None, answers: list[
         sums["answer_chars"] += len(x.text)
 
     # pairs: the accepted answer beats every other; higher votes beat lower by >= min_score_gap.
-    # The accepted answer is never "rejected" while accepted pairs are on, so the two sources
-    # never contradict each other; equal votes never make a pair (min_score_gap >= 1).
-    pc = cfg.pairs
-    pairs: list[tuple[int, int, str]] = []
-    if pc.accepted and acc >= 0:
-        pairs.extend((acc, k, "accepted") for k in range(len(answers)) if k != acc)
-    if pc.by_score:
-        by_gap = []
-        for c in scored:
-            for r in scored:
-                if c == acc and pc.accepted or (pc.accepted and r == acc):
-                    continue
-                gap = answers[c].votes - answers[r].votes  # type: ignore[operator]
-                if gap >= pc.min_score_gap:
-                    by_gap.append((-gap, ids[c], ids[r], c, r))
-        by_gap.sort()
-        pairs.extend((c, r, "score") for _, _, _, c, r in by_gap)
-    for c, r, source in pairs[: pc.max_pairs_per_question]:
+    for c, r, source in _pair_indices(answers, acc, scored, cfg):
         margin = 0.0
         if scores[c] is not None and scores[r] is not None:
             margin = max(0.0, scores[c] - scores[r])  # type: ignore[operator]
@@ -543,21 +561,54 @@ def plan(size_bytes: int, cfg: DataConfig) -> Plan:
     return Plan(workers=workers, shards=shards, flush_bytes=int(per_bytes / 6))
 
 
+class _LazyPool:
+    """One pool for both passes (starting processes costs ~0.4 s), made on first use: a .7z's
+    pass 1 runs its own cleaning processes, which end before pass 2 needs the pool. Spawn, not
+    fork: the parent may hold threads (the 7z reader, Arrow's pools)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers, self.pool = workers, None
+
+    def __call__(self) -> mp.pool.Pool:
+        if self.pool is None:
+            self.pool = mp.get_context("spawn").Pool(self.workers)
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _build_tables(workdir: Path, tmp_out: Path, n_shards: int, cfg: DataConfig, workers: int,
+                  get_pool: _LazyPool) -> BuildStats:
+    """Pass 2 over every shard into ``tmp_out``; an empty table still gets one (empty) part, so
+    readers get its schema."""
+    for s in SPLITS:
+        for t in TABLES:
+            (tmp_out / s / t).mkdir(parents=True)
+    stats = BuildStats()
+    tasks = [(str(workdir), str(tmp_out), shard, cfg) for shard in range(n_shards)]
+    parallel = workers >= 2 and n_shards > 1
+    for part in (get_pool().imap_unordered(_build_task, tasks) if parallel else map(_build_task, tasks)):
+        stats.add(part)
+    for s in SPLITS:
+        for t in TABLES:
+            if not any((tmp_out / s / t).iterdir()):
+                pq.write_table(OUT_SCHEMAS[t].empty_table(), tmp_out / s / t / part_name(0))
+    return stats
+
+
 def prepare(cfg: DataConfig) -> PrepareResult:
     """Run both passes; outputs appear at ``cfg.out`` only when everything succeeded."""
-    out = Path(cfg.out)
-    source = Path(cfg.source)
-    fmt = cfg.format
+    out, source, fmt = Path(cfg.out), Path(cfg.source), cfg.format
     if fmt == "auto":
         fmt = "json" if is_json_source(source) else "stackexchange"
     dump = resolve_dump(source) if fmt == "stackexchange" else None
     if fmt == "json" and not source.is_file():
         raise DataError(f"{source}: source not found")
-    size = dump.size_bytes if dump is not None else source.stat().st_size
-    run = plan(size, cfg)
+    run = plan(dump.size_bytes if dump is not None else source.stat().st_size, cfg)
     os.environ.setdefault(*ARROW_POOL_ENV)  # for the workers spawned below
-    workers, n_shards = run.workers, run.shards
-
     scratch_root = Path(cfg.workdir) if cfg.workdir else out.parent
     scratch_root.mkdir(parents=True, exist_ok=True)
     tmp_out = scratch_root / f".{out.name}.tmp-{os.getpid()}"
@@ -565,35 +616,14 @@ def prepare(cfg: DataConfig) -> PrepareResult:
     for p in (tmp_out, workdir):
         shutil.rmtree(p, ignore_errors=True)
         p.mkdir(parents=True)
-    # One pool for both passes (starting processes costs ~0.4 s), made on first use: a .7z's
-    # pass 1 runs its own cleaning processes, which end before pass 2 needs the pool. Spawn, not
-    # fork: the parent may hold threads (the 7z reader, Arrow's pools).
-    pool: mp.pool.Pool | None = None
-
-    def get_pool() -> mp.pool.Pool:
-        nonlocal pool
-        if pool is None:
-            pool = mp.get_context("spawn").Pool(workers)
-        return pool
-
+    get_pool = _LazyPool(run.workers)
     try:
         if dump is not None:
-            ingest = shard_dump(dump, workdir, n_shards, cfg, workers, run.flush_bytes, get_pool)
+            ingest = shard_dump(dump, workdir, run.shards, cfg, run.workers, run.flush_bytes, get_pool)
         else:
-            ingest = shard_json(source, workdir, n_shards, cfg, run.flush_bytes)
-        for s in SPLITS:
-            for t in TABLES:
-                (tmp_out / s / t).mkdir(parents=True)
-        stats = BuildStats()
-        tasks = [(str(workdir), str(tmp_out), shard, cfg) for shard in range(n_shards)]
-        parallel = workers >= 2 and n_shards > 1
-        for part in (get_pool().imap_unordered(_build_task, tasks) if parallel else map(_build_task, tasks)):
-            stats.add(part)
-        for s in SPLITS:  # an empty table still has one (empty) part, so readers get its schema
-            for t in TABLES:
-                if not any((tmp_out / s / t).iterdir()):
-                    pq.write_table(OUT_SCHEMAS[t].empty_table(), tmp_out / s / t / part_name(0))
-        metrics = _metrics(ingest, stats, n_shards)
+            ingest = shard_json(source, workdir, run.shards, cfg, run.flush_bytes)
+        stats = _build_tables(workdir, tmp_out, run.shards, cfg, run.workers, get_pool)
+        metrics = _metrics(ingest, stats, run.shards)
         if not any(stats.counts[s]["prompts"] for s in SPLITS):
             raise DataError(f"{cfg.source}: no question survived the filters; nothing to prepare")
         replace_dir(tmp_out, out)
@@ -602,9 +632,7 @@ def prepare(cfg: DataConfig) -> PrepareResult:
         shutil.rmtree(tmp_out, ignore_errors=True)
         raise
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        get_pool.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -19,6 +19,7 @@ from typing import BinaryIO
 from lxml import etree
 
 from cqa_rlhf.errors import DataError
+from cqa_rlhf.progress import read_progress
 
 QUESTION, ANSWER = 1, 2
 
@@ -204,7 +205,7 @@ def iter_posts(dump: DumpSource) -> Iterator[RawPost]:
     Raises :class:`DataError` naming the file and line for malformed or truncated XML, invalid
     UTF-8, a root element other than ``<posts>`` and rows that lack ``Id``/``PostTypeId``.
     """
-    stream = _open(dump)
+    stream = read_progress(_open(dump), dump.size_bytes, f"reading {dump.label}")
     try:
         yield from _parse(stream)
     except _Failure as exc:

@@ -1,11 +1,75 @@
-"""Argument parsing shared by every stage entry point."""
+"""What every stage entry point shares: its argument parser, and params.yaml read once into the
+typed sections a stage asks for (the shared ``prompt``/``model``/``tokenizer``/``trainer``
+sections as one :class:`Shared`)."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import TypeVar
+
+from cqa_rlhf.config import (
+    ModelConfig,
+    PromptConfig,
+    Section,
+    TokenizerConfig,
+    TrainerConfig,
+    TrainerOverride,
+    parse_section,
+    read_params,
+)
+from cqa_rlhf.progress import quiet
+
+C = TypeVar("C", bound=Section)
 
 
-def stage_args(description: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+def stage_parser(description: str | None) -> argparse.ArgumentParser:
+    """The parser of every stage (``--params``); a stage adds its own flags (``--kind``, ``--policy``)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    return parser.parse_args()
+    return parser
+
+
+def stage_args(description: str | None, argv: list[str] | None = None) -> argparse.Namespace:
+    return stage_parser(description).parse_args(argv)
+
+
+@dataclass(frozen=True)
+class Shared:
+    """The sections every training stage reads besides its own."""
+
+    prompt: PromptConfig
+    model: ModelConfig
+    tokenizer: TokenizerConfig
+    trainer: TrainerConfig
+
+    def trainer_for(self, override: TrainerOverride) -> TrainerConfig:
+        """The shared ``trainer`` section with a stage's ``<stage>.trainer`` changes applied."""
+        return override.apply(self.trainer)
+
+    def resolved(self, stage: str, cfg: Section | dict) -> dict:
+        """The params a stage exports beside its model (and fingerprints its run with)."""
+        own = cfg if isinstance(cfg, dict) else cfg.model_dump(mode="json")
+        return {"prompt": self.prompt.model_dump(mode="json"), "model": self.model.model_dump(mode="json"),
+                "trainer": self.trainer.model_dump(mode="json"), stage: own}
+
+
+@dataclass(frozen=True)
+class Params:
+    """params.yaml, read once; typed sections on demand (errors name the file and the key)."""
+
+    path: str
+    data: dict
+
+    @classmethod
+    def read(cls, path: str) -> Params:
+        quiet()  # every stage starts here: no library banners or loading bars from now on
+        return cls(path, read_params(path))
+
+    def section(self, name: str, model: type[C]) -> C:
+        return parse_section(self.data, name, model, self.path)
+
+    def shared(self) -> Shared:
+        return Shared(self.section("prompt", PromptConfig), self.section("model", ModelConfig),
+                      self.section("tokenizer", TokenizerConfig), self.section("trainer", TrainerConfig))

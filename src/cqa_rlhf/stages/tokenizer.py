@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cqa_rlhf.config import DataConfig, ModelConfig, TokenizerConfig, read_params, parse_section
+from cqa_rlhf.config import DataConfig, ModelConfig, TokenizerConfig
 from cqa_rlhf.data.tables import read_table
 from cqa_rlhf.errors import cli
 from cqa_rlhf.io import replace_dir, staging_dir
-from cqa_rlhf.stages.common import stage_args
+from cqa_rlhf.stages.common import Params, stage_args
 from cqa_rlhf.tokenizer import pretrained_tokenizer, train_bpe
 
 
@@ -21,13 +21,8 @@ def training_texts(prepared: Path):
         yield from read_table(prepared / "train" / table).column("answer").to_pylist()
 
 
-@cli
-def main() -> None:
-    args = stage_args(__doc__)
-    params = read_params(args.params)
-    model = parse_section(params, "model", ModelConfig, args.params)
-    cfg = parse_section(params, "tokenizer", TokenizerConfig, args.params)
-    data = parse_section(params, "data", DataConfig, args.params)
+def run(model: ModelConfig, cfg: TokenizerConfig, data: DataConfig) -> dict:
+    """Write the tokenizer to ``cfg.out``, whole or not at all; returns its size."""
     if model.name is not None:
         tok = pretrained_tokenizer(model, cfg)
     else:
@@ -38,6 +33,14 @@ def main() -> None:
     tok.save_pretrained(tmp)
     replace_dir(tmp, out)
     print(f"tokenizer: {len(tok)} tokens, eos={tok.eos_token!r} pad={tok.pad_token!r} -> {out}")
+    return {"tokens": len(tok)}
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    params = Params.read(stage_args(__doc__, argv).params)
+    run(params.section("model", ModelConfig), params.section("tokenizer", TokenizerConfig),
+        params.section("data", DataConfig))
 
 
 if __name__ == "__main__":
