@@ -82,10 +82,15 @@ def run(name: str, cfg: RewardKindConfig, shared: Shared) -> dict:
     metrics.update({"score_mean_sft_train": round(mean, 6), "score_std_sft_train": round(std, 6),
                     "steps": trainer.global_step, "trainable_params": freeze["trainable"]})
     publish(trainer, model, tok, cfg.out, resolved, cfg.metrics, metrics,
-            f"reward@{name}: test pairwise accuracy {metrics['pairwise_accuracy']:.3f} "
-            f"(length baseline {metrics['length_baseline_accuracy']:.3f}, {metrics['pairs']} pairs), "
-            f"{trainer.global_step} steps, {time.perf_counter() - start:.0f}s -> {cfg.out}")
+            summary(name, metrics, time.perf_counter() - start, cfg.out))
     return metrics
+
+
+def summary(name: str, metrics: dict, seconds: float, out: str) -> str:
+    """The stage's one line on stdout."""
+    return (f"reward@{name}: test pairwise accuracy {metrics['pairwise_accuracy']:.3f} "
+            f"(length baseline {metrics['length_baseline_accuracy']:.3f}, {metrics['pairs']} pairs), "
+            f"{metrics['steps']} steps, {seconds:.0f}s -> {out}")
 
 
 @cli
