@@ -169,3 +169,20 @@ def test_a_preset_applied_by_dvc_exp_run_gives_valid_params(tmp_path):
     assert params["sft"]["optim"]["lr"] == want["sft"]["optim"]["lr"] == 2e-05  # written by DVC as `2e-05`
     assert params["ppo"]["trainer"] == {"log_every_n_steps": 1, "strategy": "ddp"}
     assert params["trainer"]["strategy"] == "fsdp" and params["model"]["gradient_checkpointing"] is True
+
+
+@pytest.mark.parametrize("section", ["ppo", "evaluate"])
+def test_sampled_ids_must_fit_the_reward_model_input(section):
+    """The reward models score the sampled prompt + answer ids whole: a sample that cannot fit in
+    max_length is refused when params are read, in one line naming the section."""
+    from cqa_rlhf.config import EvaluateConfig, PPOConfig
+
+    model = {"ppo": PPOConfig, "evaluate": EvaluateConfig}[section]
+    bad = {section: {"max_prompt_length": 128, "max_length": 200, "sample": {"max_new_tokens": 96}}}
+    with pytest.raises(ConfigError) as exc:
+        parse_section(bad, section, model, "p.yaml")
+    msg = str(exc.value)
+    assert msg.startswith(f"p.yaml: {section}: ") and "max_prompt_length + sample.max_new_tokens" in msg
+    assert "\n" not in msg
+    ok = {section: {"max_prompt_length": 128, "max_length": 224, "sample": {"max_new_tokens": 96}}}
+    assert parse_section(ok, section, model, "p.yaml").max_length == 224
