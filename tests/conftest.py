@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Before any test module imports torch: the package pins the CPU's numeric code paths on import
+# (cqa_rlhf/numerics.py), here as in every stage process.
+import cqa_rlhf  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SE = ROOT.parent / "shared" / "data" / "stackexchange"
 SITES = {

@@ -86,7 +86,7 @@ def test_missing_params_file(tmp_path):
 def test_every_section_of_the_repo_params_loads():
     from cqa_rlhf.config import SECTIONS, read_params
 
-    assert set(read_params(ROOT / "params.yaml")) == set(SECTIONS)
+    assert set(read_params(ROOT / "params.yaml")) == set(SECTIONS) | {"seed"}
     for name, model in SECTIONS.items():
         load_section(ROOT / "params.yaml", name, model)
 
@@ -108,11 +108,11 @@ def test_strategy_and_precision_are_lightning_names():
 
 def test_floats_written_by_dvc_are_floats(tmp_path):
     """DVC (ruamel, YAML 1.2) writes 0.00002 as `2e-05`, a string to plain PyYAML."""
-    from cqa_rlhf.config import SFTConfig, read_params
+    from cqa_rlhf.config import SFTConfig, read_params, seeded
 
     path = tmp_path / "params.yaml"
-    path.write_text("sft:\n  optim:\n    lr: 2e-05\n    weight_decay: 1E-2\n  seed: 3\n")
-    cfg = parse_section(read_params(path), "sft", SFTConfig, path)
+    path.write_text("seed: 3\nsft:\n  optim:\n    lr: 2e-05\n    weight_decay: 1E-2\n")
+    cfg = parse_section(seeded(read_params(path), path), "sft", SFTConfig, path)
     assert cfg.optim.lr == 2e-05 and cfg.optim.weight_decay == 0.01 and cfg.seed == 3
 
 
@@ -186,3 +186,35 @@ def test_sampled_ids_must_fit_the_reward_model_input(section):
     assert "\n" not in msg
     ok = {section: {"max_prompt_length": 128, "max_length": 224, "sample": {"max_new_tokens": 96}}}
     assert parse_section(ok, section, model, "p.yaml").max_length == 224
+
+
+# --------------------------------------------------------------------------------------------
+# The one seed switch
+# --------------------------------------------------------------------------------------------
+def test_top_level_seed_is_every_training_and_sampling_stage_seed(tmp_path):
+    from cqa_rlhf.config import SEEDED, SECTIONS, seeded
+    from cqa_rlhf.stages.common import Params
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text().replace("\nseed: 0 ", "\nseed: 7 ", 1))
+    p = Params.read(str(params))
+    assert p.section("sft", SECTIONS["sft"]).seed == 7 and p.section("ppo", SECTIONS["ppo"]).seed == 7
+    reward = p.section("reward", SECTIONS["reward"])
+    assert reward.regression.seed == reward.classification.seed == 7
+    assert p.section("base", SECTIONS["base"]).seed == p.section("evaluate", SECTIONS["evaluate"]).seed == 7
+    # the data stay the data: the same questions under every seed
+    assert p.section("synth", SynthConfig).seed == 1234 and p.section("data", DataConfig).split_seed == 0
+    assert seeded({})["sft"]["seed"] == 0 and len(SEEDED) == 6
+
+
+@pytest.mark.parametrize("text, key", [("seed: 1\nsft:\n  seed: 2\n", "sft.seed"),
+                                       ("reward:\n  classification:\n    seed: 2\n", "reward.classification.seed"),
+                                       ("seed: -1\n", "seed"), ("seed: true\n", "seed"), ("seed: '3'\n", "seed")])
+def test_a_second_seed_or_a_bad_one_is_a_one_line_error(tmp_path, text, key):
+    from cqa_rlhf.stages.common import Params
+
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        Params.read(str(path))
+    assert str(exc.value).startswith(f"{path}: {key}: ") and "\n" not in str(exc.value)

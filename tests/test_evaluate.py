@@ -11,16 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cqa_rlhf.evaluation import bleu, rouge, win_rate
+from cqa_rlhf.evaluation import bleu, rouge
 
 from conftest import run_stage, stage_env
 from helpers import tiny_params
-
-
-def test_win_rate_counts_ties_half():
-    assert win_rate([1.0, 2.0, 3.0], [1.0, 1.0, 4.0]) == pytest.approx((0.5 + 1 + 0) / 3)
-    with pytest.raises(ValueError):
-        win_rate([1.0], [1.0, 2.0])
 
 
 def test_reference_overlap():
@@ -72,10 +66,15 @@ def test_evaluate_writes_metrics_and_a_generations_table(evaluated):
 def test_compare_reports_win_rates_by_judge(evaluated):
     work, _ = evaluated
     c = json.loads((work / "metrics" / "compare.json").read_text())["sft_vs_base"]
-    assert set(c["win_rate"]) == {"classification", "gold"}
-    assert c["win_rate"]["gold"] > 0.5
+    assert set(c["win_rate"]) == set(c["win_rate_ci95"]) == set(c["score_diff_ci95"]) == {"classification", "gold"}
+    assert c["win_rate"]["gold"] > 0.5 and c["bootstrap_resamples"] == 10_000
+    for judge, rate in c["win_rate"].items():  # each figure inside its paired-bootstrap interval
+        assert c["win_rate_ci95"][judge]["low"] <= rate <= c["win_rate_ci95"][judge]["high"]
+        assert c["score_diff_ci95"][judge]["low"] <= c["score_diff"][judge] <= c["score_diff_ci95"][judge]["high"]
+        assert 0.0 <= c["win_rate_ci95"][judge]["low"] and c["win_rate_ci95"][judge]["high"] <= 1.0
     plot = pd.read_csv(work / "metrics" / "compare.csv")
-    assert list(plot.columns) == ["judge", "win_rate"] and set(plot["judge"]) == {"classification", "gold"}
+    assert list(plot.columns) == ["judge", "win_rate", "ci_low", "ci_high"] and set(plot["judge"]) == {"classification", "gold"}
+    assert (plot["ci_low"] <= plot["win_rate"]).all() and (plot["win_rate"] <= plot["ci_high"]).all()
 
 
 def test_gold_is_off_for_real_data(evaluated, tmp_path):

@@ -39,6 +39,11 @@ def test_pair_metrics_and_length_baseline():
     assert m["pairwise_accuracy"] == 0.5  # ties in score are not wins
     assert m["length_baseline_accuracy"] == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
     assert m["mean_margin"] == pytest.approx((1 - 1 + 1 + 0) / 4) and m["chance_accuracy"] == 0.5
+    # Wilson intervals: 2 of 4 correct; 2 of 4 (ties half) for the length baseline
+    assert m["pairwise_accuracy_ci95"] == m["length_baseline_ci95"] == {"low": 0.15, "high": 0.85}
+    # paired differences per pair: 1-1, 0-0, 1-0.5, 0-0.5 -> mean 0, bootstrap ends among the resampled means
+    assert m["accuracy_over_length"] == 0.0
+    assert -0.5 <= m["accuracy_over_length_ci95"]["low"] < 0 < m["accuracy_over_length_ci95"]["high"] <= 0.5
 
 
 @pytest.fixture(scope="module")

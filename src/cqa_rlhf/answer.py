@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from cqa_rlhf.config import EvaluateConfig, PromptConfig, parse_section, read_params
+from cqa_rlhf.config import EvaluateConfig, PromptConfig, parse_section, read_params, seeded
 from cqa_rlhf.errors import ConfigError, DataError, cli
 from cqa_rlhf.generation import generate
 from cqa_rlhf.models import exported_dir, load_frozen
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("question")
     ap.add_argument("--model", required=True, help="an exported policy directory (save_pretrained)")
     ap.add_argument("--params", default="params.yaml", help="sampling: its evaluate.sample (default: params.yaml)")
-    ap.add_argument("--seed", type=int, default=None, help="default: evaluate.seed")
+    ap.add_argument("--seed", type=int, default=None, help="default: the params file's seed")
     ap.add_argument("--max-new-tokens", type=int)
     ap.add_argument("--temperature", type=float)
     ap.add_argument("--top-k", type=int)
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     if not question:
         raise DataError("question is empty")
     model_dir = exported_dir(args.model, "--model")
-    params = read_params(args.params) if Path(args.params).is_file() else {}
+    params = seeded(read_params(args.params), args.params) if Path(args.params).is_file() else {}
     cfg = parse_section(params, "evaluate", EvaluateConfig, args.params)
     overrides = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
                                    ("top_k", args.top_k), ("top_p", args.top_p)) if v is not None}

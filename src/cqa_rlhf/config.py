@@ -182,8 +182,35 @@ def parse_section(data: dict, section: str, model: type[C], path: str | Path = "
 
 
 def load_section(path: str | Path, section: str, model: type[C]) -> C:
-    """Read one section of a params file into its typed config."""
-    return parse_section(read_params(path), section, model, path)
+    """Read one section of a params file into its typed config (seeds from the top-level ``seed``)."""
+    return parse_section(seeded(read_params(path), path), section, model, path)
+
+
+# The sections whose ``seed`` is the top-level ``seed``: every training and sampling stage. The
+# data stages keep their own (synth.seed, data.split_seed): runs under different seeds are then
+# judged on the same held-out questions.
+SEEDED = ("sft", "reward.regression", "reward.classification", "ppo", "base", "evaluate")
+
+
+def seeded(data: dict, path: str | Path = "params.yaml") -> dict:
+    """``data`` with the top-level ``seed`` (default 0) copied into every section of
+    :data:`SEEDED`: one switch (``dvc exp run -S seed=3``) reruns the pipeline under another seed.
+    A section's own ``seed`` key is refused, so there is one source of truth."""
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"{path}: seed: must be a non-negative integer, got {seed!r}")
+    out = dict(data)
+    for dotted in SEEDED:
+        *parents, leaf = dotted.split(".")
+        holder = out
+        for key in parents:
+            holder[key] = dict(holder.get(key) or {})
+            holder = holder[key]
+        section = holder.get(leaf) or {}
+        if isinstance(section, dict) and "seed" in section:
+            raise ConfigError(f"{path}: {dotted}.seed: set the top-level seed instead (every stage takes its seed from it)")
+        holder[leaf] = {**section, "seed": seed} if isinstance(section, dict) else section
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,7 +541,8 @@ class CompareConfig(Section):
     plot: str = "metrics/compare_win_rate.csv"
 
 
-# Every section of params.yaml and its typed config (presets are checked against all of them).
+# Every section of params.yaml and its typed config (presets are checked against all of them);
+# beside them the top-level ``seed`` (see :func:`seeded`).
 SECTIONS: dict[str, type[Section]] = {
     "synth": SynthConfig, "data": DataConfig, "prompt": PromptConfig, "model": ModelConfig,
     "tokenizer": TokenizerConfig, "trainer": TrainerConfig, "sft": SFTConfig, "reward": RewardConfig,

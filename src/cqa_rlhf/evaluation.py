@@ -1,4 +1,4 @@
-"""Evaluation metrics as small functions: reference overlap (BLEU, ROUGE) and win rates. BLEU is sacrebleu's corpus BLEU; ROUGE is Google's
+"""Evaluation metrics as small functions: reference overlap (BLEU, ROUGE) (win rates and their intervals: stats.py). BLEU is sacrebleu's corpus BLEU; ROUGE is Google's
 ``rouge-score`` (ROUGE-1.5.5 reimplemented, Porter stemming): both offline, no hub downloads."""
 
 from __future__ import annotations
@@ -24,10 +24,3 @@ def rouge(generated: Sequence[str], references: Sequence[str]) -> dict[str, floa
             sums[k] += s.fmeasure
     n = max(len(generated), 1)
     return {k: v / n for k, v in sums.items()}
-
-
-def win_rate(candidate: Sequence[float], baseline: Sequence[float]) -> float:
-    """Share of questions where the candidate's answer scores higher; ties count half."""
-    if len(candidate) != len(baseline) or not candidate:
-        raise ValueError("win_rate needs two equally long, non-empty score lists")
-    return sum(1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline)) / len(candidate)

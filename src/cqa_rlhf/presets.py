@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from cqa_rlhf.config import SECTIONS, ParamsLoader, parse_section, read_params
+from cqa_rlhf.config import SECTIONS, ParamsLoader, parse_section, read_params, seeded
 from cqa_rlhf.errors import ConfigError, cli
 
 
@@ -74,10 +74,13 @@ def preset_flags(preset_path: str | Path, params_path: str | Path) -> list[str]:
     preset = read_preset(preset_path)
     params = read_params(params_path)
     merged, added = merge(params, preset, str(preset_path))
+    where = f"{params_path} + {preset_path}"
+    checked = seeded(merged, where)
     for name in preset:
-        if name not in SECTIONS:
+        if name not in SECTIONS and name != "seed":
             raise ConfigError(f"{preset_path}: {name}: not a params section")
-        parse_section(merged, name, SECTIONS[name], f"{params_path} + {preset_path}")
+        if name in SECTIONS:
+            parse_section(checked, name, SECTIONS[name], where)
     return [flag(k, v, str(preset_path), k in added) for k, v in leaves(preset)]
 
 

@@ -21,6 +21,7 @@ from cqa_rlhf.errors import ConfigError
 from cqa_rlhf.losses import center_penalty, pairwise_loss, regression_loss
 from cqa_rlhf.models import eval_mode, exported_dir, load_frozen
 from cqa_rlhf.prompts import PromptFormatter
+from cqa_rlhf.stats import bootstrap_ci, exact_mean, interval, resample_indices, wilson, win_points
 from cqa_rlhf.tokenizer import load_tokenizer, same_vocabulary
 from cqa_rlhf.training import SupervisedModule
 
@@ -203,19 +204,25 @@ class PairwiseModule(_ValAccumulator):
 # Held-out evaluation
 # --------------------------------------------------------------------------------------------
 def pair_metrics(chosen: Sequence[float], rejected: Sequence[float], chosen_text: Sequence[str],
-                 rejected_text: Sequence[str]) -> dict[str, float]:
+                 rejected_text: Sequence[str]) -> dict:
     """Pairwise accuracy and mean margin of a reward model, beside the two baselines it must
-    beat: the longer answer wins (ties count half), and chance."""
+    beat: the longer answer wins (ties count half), and chance. Both accuracies carry a 95%
+    Wilson interval, and their paired difference a 95% bootstrap interval over pairs."""
     n = len(chosen)
     if n == 0:
         return {"pairs": 0, "pairwise_accuracy": math.nan, "mean_margin": math.nan,
                 "length_baseline_accuracy": math.nan, "chance_accuracy": 0.5}
-    acc = sum(c > r for c, r in zip(chosen, rejected)) / n
-    length = sum(1.0 if len(a) > len(b) else 0.5 if len(a) == len(b) else 0.0
-                 for a, b in zip(chosen_text, rejected_text)) / n
-    return {"pairs": n, "pairwise_accuracy": round(acc, 4),
-            "mean_margin": round(sum(c - r for c, r in zip(chosen, rejected)) / n, 4),
-            "length_baseline_accuracy": round(length, 4), "chance_accuracy": 0.5}
+    correct = [1.0 if c > r else 0.0 for c, r in zip(chosen, rejected)]
+    longer = win_points([float(len(a)) for a in chosen_text], [float(len(b)) for b in rejected_text])
+    over = [c - x for c, x in zip(correct, longer)]
+    return {"pairs": n, "pairwise_accuracy": round(exact_mean(correct), 4),
+            "pairwise_accuracy_ci95": interval(wilson(math.fsum(correct), n)),
+            "mean_margin": round(exact_mean([c - r for c, r in zip(chosen, rejected)]), 4),
+            "length_baseline_accuracy": round(exact_mean(longer), 4),
+            "length_baseline_ci95": interval(wilson(math.fsum(longer), n)),
+            "accuracy_over_length": round(exact_mean(over), 4),
+            "accuracy_over_length_ci95": interval(bootstrap_ci(over, resample_indices(n))),
+            "chance_accuracy": 0.5}
 
 
 def test_pair_metrics(model: PreTrainedModel, fmt: PromptFormatter, rows: list[dict],

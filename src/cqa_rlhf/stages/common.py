@@ -5,6 +5,7 @@ sections as one :class:`Shared`)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -17,7 +18,9 @@ from cqa_rlhf.config import (
     TrainerOverride,
     parse_section,
     read_params,
+    seeded,
 )
+from cqa_rlhf import numerics
 from cqa_rlhf.progress import quiet
 
 C = TypeVar("C", bound=Section)
@@ -52,7 +55,7 @@ class Shared:
         """The params a stage exports beside its model (and fingerprints its run with)."""
         own = cfg if isinstance(cfg, dict) else cfg.model_dump(mode="json")
         return {"prompt": self.prompt.model_dump(mode="json"), "model": self.model.model_dump(mode="json"),
-                "trainer": self.trainer.model_dump(mode="json"), stage: own}
+                "trainer": self.trainer.model_dump(mode="json"), stage: own, "numerics": numerics.state()}
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,9 @@ class Params:
     @classmethod
     def read(cls, path: str) -> Params:
         quiet()  # every stage starts here: no library banners or loading bars from now on
-        return cls(path, read_params(path))
+        if "torch" in sys.modules:  # a stage that computes with torch: its numeric pin must hold
+            numerics.check()
+        return cls(path, seeded(read_params(path), path))
 
     def section(self, name: str, model: type[C]) -> C:
         return parse_section(self.data, name, model, self.path)

@@ -1,0 +1,103 @@
+"""The numeric pin (cqa_rlhf/numerics.py): the tiny graph's training stages, forced through two
+different CPU code paths on this machine, write byte-identical weights and metrics when pinned,
+and different ones when free. Plus the switch's one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import stage_env
+from helpers import tiny_params
+
+FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+HAS_AVX2 = " avx2 " in FLAGS.replace("\n", " ")
+# Two code paths through the very variables the pin overrides: the CPU's best ATen kernels with
+# MKL's automatic dispatch on 2 threads, against ATen's generic kernels, another MKL branch and one
+# thread (what an older CPU or another core count would run).
+PATHS = {
+    "best": {"ATEN_CPU_CAPABILITY": "avx512" if " avx512f " in FLAGS.replace("\n", " ") else "avx2",
+             "MKL_CBWR": "AUTO", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"},
+    "generic": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "SSE4_2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+}
+
+
+def _stage(module: str, params: dict, work: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    pfile = work / f"params-{module}-{hashlib.sha1(repr(sorted(env.items())).encode()).hexdigest()[:8]}.yaml"
+    pfile.write_text(yaml.safe_dump(params), encoding="utf-8")
+    return subprocess.run([sys.executable, "-m", f"cqa_rlhf.stages.{module}", "--params", str(pfile), *args],
+                          capture_output=True, text=True, cwd=work, env={**stage_env(), **env}, timeout=600)
+
+
+def _graph_params(site: Path, out: Path) -> dict:
+    """SFT -> Bradley-Terry reward model -> PPO on the tiny site, every output under ``out``."""
+    params = tiny_params(site, max_steps=20, out=str(out / "sft"), metrics=str(out / "m" / "sft.json"),
+                         live_dir=str(out / "sft_live"), checkpoint_dir=str(out / "sft_ckpt"))
+    params["reward"] = {"classification": {
+        "data": str(site / "prepared"), "sft_dir": str(out / "sft"), "out": str(out / "rm"),
+        "metrics": str(out / "m" / "rm.json"), "live_dir": str(out / "rm_live"), "checkpoint_dir": str(out / "rm_ckpt"),
+        "batch_size": 8, "max_length": 96, "max_epochs": -1, "max_steps": 10, "val_check_interval": 5}}
+    params["ppo"] = {
+        "data": str(site / "prepared"), "sft_dir": str(out / "sft"), "reward_model": str(out / "rm"),
+        "out": str(out / "ppo"), "metrics": str(out / "m" / "ppo.json"), "live_dir": str(out / "ppo_live"),
+        "checkpoint_dir": str(out / "ppo_ckpt"), "iterations": 2, "rollout_batch_size": 8, "mini_batch_size": 8,
+        "micro_batch_size": 8, "ppo_epochs": 1, "max_prompt_length": 48, "max_length": 96,
+        "sample": {"max_new_tokens": 12, "batch_size": 8}, "eval_every": 2, "eval_prompts": 8, "samples_every": 2}
+    return params
+
+
+def _run_graph(site: Path, out: Path, env: dict[str, str], stages: tuple[str, ...]) -> dict[str, bytes]:
+    """Weights and metrics files of the stages run under ``env``."""
+    params = _graph_params(site, out)
+    files = {}
+    for stage, args, model, metrics in (("sft", (), "sft", "sft.json"), ("reward", ("--kind", "classification"), "rm", "rm.json"),
+                                        ("ppo", (), "ppo", "ppo.json")):
+        if stage not in stages:
+            continue
+        proc = _stage(stage, params, site, env, *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        files[f"{model}/model.safetensors"] = (out / model / "model.safetensors").read_bytes()
+        files[f"m/{metrics}"] = (out / "m" / metrics).read_bytes()
+    return files
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the pinned numbers need an x86-64 CPU with AVX2")
+def test_pinned_stages_are_byte_identical_across_code_paths_and_free_ones_are_not(prepared):
+    pinned = {tag: _run_graph(prepared, prepared / f"pinned-{tag}", {**env, "CQA_NUMERICS": "pinned"},
+                              ("sft", "reward", "ppo")) for tag, env in PATHS.items()}
+    assert set(pinned["best"]) == {"sft/model.safetensors", "m/sft.json", "rm/model.safetensors", "m/rm.json",
+                                   "ppo/model.safetensors", "m/ppo.json"}
+    for name in pinned["best"]:
+        assert pinned["best"][name] == pinned["generic"][name], f"{name} differs between code paths under the pin"
+    exported = yaml.safe_load((prepared / "pinned-generic" / "sft" / "params.yaml").read_text())
+    assert exported["numerics"] == {"mode": "pinned", "aten": "AVX2", "mkl_cbwr": "COMPATIBLE", "threads": 2}
+
+    free = {tag: _run_graph(prepared, prepared / f"free-{tag}", {**env, "CQA_NUMERICS": "free"}, ("sft",))
+            for tag, env in PATHS.items()}
+    assert free["best"]["sft/model.safetensors"] != free["generic"]["sft/model.safetensors"]
+    assert free["best"]["m/sft.json"] != free["generic"]["m/sft.json"]  # the val loss moves too
+    exported = yaml.safe_load((prepared / "free-generic" / "sft" / "params.yaml").read_text())
+    assert exported["numerics"] == {"mode": "free", "aten": "DEFAULT", "mkl_cbwr": "SSE4_2", "threads": 1}
+
+
+def test_unknown_switch_value_is_a_one_line_error(prepared):
+    proc = _stage("sft", tiny_params(prepared, out=str(prepared / "never")), prepared, {"CQA_NUMERICS": "fast"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: CQA_NUMERICS='fast': expected one of pinned, free"]
+    assert not (prepared / "never").exists()
+
+
+def test_torch_imported_before_the_package_is_refused_when_pinned(prepared):
+    params = prepared / "params-early-torch.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(prepared, out=str(prepared / "never2"))), encoding="utf-8")
+    code = f"import torch; from cqa_rlhf.stages.sft import main; main(['--params', {str(params)!r}])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=prepared,
+                          env={**stage_env(), "CQA_NUMERICS": "pinned"}, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: torch was imported before cqa_rlhf") and "CQA_NUMERICS=free" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (prepared / "never2").exists()
