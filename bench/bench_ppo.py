@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cqa_rlhf  # noqa: F401  first: it pins the numeric code paths before torch loads (CQA_NUMERICS)
 import lightning as L
 import torch
 import yaml

@@ -8,7 +8,8 @@ step, and the rest (data loading, logging, Lightning). FLOPs per token are the u
 counts all processed tokens (pad included: they cost compute), "useful" only non-pad tokens.
 The machine's dense matmul FLOP/s is measured in the same run.
 
-Usage: python bench/bench_sft.py [--steps 60] [--big-steps 6] [--accelerator gpu --precision bf16-mixed]
+Usage: python bench/bench_sft.py [--steps 60] [--big-steps 6 | --skip-big] [--accelerator gpu --precision bf16-mixed]
+CQA_NUMERICS (pinned by default, or free) applies as in the stages: the package is imported first.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cqa_rlhf  # noqa: F401  first: it pins the numeric code paths before torch loads (CQA_NUMERICS)
 import lightning as L
 import torch
 import yaml
@@ -135,6 +137,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--big-steps", type=int, default=6)
+    ap.add_argument("--skip-big", action="store_true", help="only the default config")
     ap.add_argument("--accelerator", default="cpu", help="cpu | gpu (then the matmul roofline is the GPU's)")
     ap.add_argument("--precision", default="32-true", help="a Lightning precision, e.g. bf16-mixed")
     args = ap.parse_args()
@@ -151,9 +154,10 @@ def main() -> None:
         peak = matmul_flops(device)
         sft = params["sft"]
         results = [run("default", params["model"]["config"], work, tok, fmt, args.steps, sft["batch_size"],
-                       sft["max_length"], trainer_cfg),
-                   run("gpt-neo-125M shape", NEO_125M, work, tok, fmt, args.big_steps + 2, sft["batch_size"],
                        sft["max_length"], trainer_cfg)]
+        if not args.skip_big:
+            results.append(run("gpt-neo-125M shape", NEO_125M, work, tok, fmt, args.big_steps + 2, sft["batch_size"],
+                               sft["max_length"], trainer_cfg))
         peak2 = matmul_flops(device)
     card = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
     print(f"\nmachine: {os.cpu_count()} cores, {platform.machine()}{card}, {args.precision}, torch {torch.__version__}, "

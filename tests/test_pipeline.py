@@ -261,3 +261,29 @@ def test_killed_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo):
     for name in ("ppo.json", "eval_ppo.json", "compare.json"):
         assert (repo / "metrics" / name).read_bytes() == (whole / "metrics" / name).read_bytes(), name
     assert (repo / "models/ppo/model.safetensors").read_bytes() == (whole / "models/ppo/model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_queued_experiment_under_another_seed_runs_pinned(repo):
+    """`dvc exp run --queue -S seed=1`: one switch reseeds every training and sampling stage, and
+    the queued run (a celery worker in .dvc/tmp/exps) computes under the numeric pin even when its
+    environment asks for other code paths."""
+    env = {**stage_env(), "PYTHONPATH": str(repo / "src"), "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AUTO",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("CQA_NUMERICS", None)
+    dvc = [sys.executable, "-m", "dvc"]
+    for args in (["exp", "run", "--queue", "-S", "seed=1", "--name", "seed1"], ["queue", "start", "-j", "1"],
+                 ["queue", "logs", "--follow", "seed1"]):
+        proc = subprocess.run(dvc + args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{args}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    ran = _ran(proc)  # the queued run's log names the stages it ran
+    assert ran == ALL - {"synth", "data", "tokenizer"}, ran  # the data do not depend on the seed
+    before = json.loads((repo / "metrics/sft.json").read_text())
+    _dvc("exp", "apply", "seed1", cwd=repo)
+    after = json.loads((repo / "metrics/sft.json").read_text())
+    assert after["val_loss"] != before["val_loss"]  # another seed, another model
+    for model, section in (("models/sft", "sft"), ("models/ppo", "ppo"), ("models/reward/classification", "reward")):
+        exported = yaml.safe_load((repo / model / "params.yaml").read_text())
+        assert exported["numerics"] == {"mode": "pinned", "aten": "AVX2", "mkl_cbwr": "COMPATIBLE", "threads": 2}, model
+        seeds = [exported[section]["seed"]] if section != "reward" else [exported["reward"]["classification"]["seed"]]
+        assert seeds == [1], model

@@ -1,0 +1,81 @@
+"""What the numeric pin costs (CQA_NUMERICS, src/cqa_rlhf/numerics.py), measured both ways in one
+run on one machine:
+
+1. the default pipeline, every stage, `dvc repro` in a fresh clone of HEAD (its own DVC cache,
+   so nothing is restored) under ``CQA_NUMERICS=free`` and under ``pinned``, and how many
+   metrics files come out byte-identical to the committed ones (all of them, pinned);
+2. SFT step time (bench/bench_sft.py, default config) and PPO phase times (bench/bench_ppo.py,
+   the pinned clone's trained models), free vs pinned.
+
+    python bench/bench_pin_cost.py            # about 30 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("free", "pinned")
+
+
+def repro(clone: Path, mode: str) -> dict[str, float]:
+    """Seconds per stage of a full `dvc repro` (from the times DVC starts each stage), and total."""
+    env = {**os.environ, "CQA_NUMERICS": mode, "CQA_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    start = time.perf_counter()
+    marks: list[tuple[str, float]] = []
+    for line in proc.stdout:
+        m = re.match(r"Running stage '([^']+)'", line)
+        if m:
+            marks.append((m.group(1), time.perf_counter()))
+    end = time.perf_counter()
+    if proc.wait() != 0:
+        sys.exit(f"dvc repro ({mode}) failed")
+    times = {name: (marks[i + 1][1] if i + 1 < len(marks) else end) - t for i, (name, t) in enumerate(marks)}
+    return {**times, "total": end - start}
+
+
+def bench_lines(cmd: list[str], cwd: Path, mode: str) -> list[str]:
+    """The result table rows a bench script prints."""
+    proc = subprocess.run([sys.executable, *cmd], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "CQA_NUMERICS": mode, "CQA_PROGRESS": "0"})
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} ({mode}) failed: {proc.stderr[-2000:]}")
+    return [ln for ln in proc.stdout.splitlines() if ln.startswith("| ") and "---" not in ln]
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        stages: dict[str, dict[str, float]] = {}
+        for mode in MODES:
+            clone = Path(tmp) / mode
+            subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+            stages[mode] = repro(clone, mode)
+            same = [p.name for p in sorted((ROOT / "metrics").glob("*.json"))
+                    if (clone / "metrics" / p.name).read_bytes() == p.read_bytes()]
+            print(f"{mode}: dvc repro {stages[mode]['total']:.0f} s; metrics files byte-identical to the "
+                  f"committed ones: {len(same)} of {len(list((ROOT / 'metrics').glob('*.json')))}", flush=True)
+        steps = {mode: bench_lines(["bench/bench_sft.py", "--steps", "40", "--skip-big"], ROOT, mode) for mode in MODES}
+        ppo = {mode: bench_lines(["bench/bench_ppo.py", "--iterations", "4", "--skip-big"], Path(tmp) / "pinned", mode)
+               for mode in MODES}
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    print(f"\n{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores\n")
+    print("| stage | free (s) | pinned (s) | pinned / free |\n|---|---|---|---|")
+    for name in stages["free"]:
+        f, p = stages["free"][name], stages["pinned"].get(name, float("nan"))
+        print(f"| {name} | {f:.1f} | {p:.1f} | {p / f:.2f} |")
+    for mode in MODES:
+        print(f"\nSFT step, {mode}:\n" + "\n".join(steps[mode]) + f"\n\nPPO phases, {mode}:\n" + "\n".join(ppo[mode]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The default pipeline under several seeds: how much do the headline numbers move?
+
+Each seed runs in its own clone of the repository's HEAD (sharing this repository's DVC cache, so
+the seed-independent stages -- synth, data, tokenizer -- and any seed already run are restored from
+DVC's run-cache instead of rerun) with ``dvc exp run -S seed=<n>``: the one switch every training
+and sampling stage takes its seed from. Per seed it records every metric and the wall time;
+then mean ± sd and min/max of the headline metrics, whether PPO beats SFT on every seed, and, for
+every metric, its standard deviation across seeds in bench/seed_sd.json (the tolerances of
+scripts/check_repro.py).
+
+    python bench/seed_study.py --seeds 0 1 2 3 4       # about 15 minutes a seed on 2 cores
+    python bench/seed_study.py --summarize             # the tables again from bench/seed_study.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "seed_study.json"
+SD = ROOT / "bench" / "seed_sd.json"
+HEADLINE = {
+    "SFT val perplexity": "metrics/sft.json:val_perplexity",
+    "RM regression test accuracy": "metrics/reward_regression.json:pairwise_accuracy",
+    "RM classification test accuracy": "metrics/reward_classification.json:pairwise_accuracy",
+    "length baseline accuracy": "metrics/reward_classification.json:length_baseline_accuracy",
+    "PPO vs SFT win rate, gold": "metrics/compare.json:ppo_vs_sft.win_rate.gold",
+    "PPO vs SFT win rate, classification RM": "metrics/compare.json:ppo_vs_sft.win_rate.classification",
+    "PPO vs SFT win rate, regression RM": "metrics/compare.json:ppo_vs_sft.win_rate.regression",
+    "gold: base": "metrics/eval_base.json:gold",
+    "gold: SFT": "metrics/eval_sft.json:gold",
+    "gold: PPO": "metrics/eval_ppo.json:gold",
+    "PPO KL to SFT (test questions)": "metrics/eval_ppo.json:kl_to_reference",
+    "PPO KL to SFT (training, final)": "metrics/ppo.json:final.kl",
+    "answer length, SFT (tokens)": "metrics/eval_sft.json:mean_tokens",
+    "answer length, PPO (tokens)": "metrics/eval_ppo.json:mean_tokens",
+}
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """Nested metrics as DVC names them (``a.b.c``)."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_seed(seed: int, work: Path) -> dict:
+    """Clone, share the cache, ``dvc exp run -S seed=<seed>``; every metric and the wall time."""
+    clone = work / f"seed{seed}"
+    env = {**os.environ, "CQA_PROGRESS": "0"}
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run(dvc + ["cache", "dir", "--local", str(ROOT / ".dvc" / "cache")], cwd=clone, check=True, env=env)
+    start = time.perf_counter()
+    proc = subprocess.run(dvc + ["exp", "run", "-S", f"seed={seed}"], cwd=clone, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"seed {seed}: dvc exp run failed:\n{proc.stderr[-3000:]}")
+    ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage '")]
+    metrics = {f"metrics/{p.name}:{k}": v for p in sorted((clone / "metrics").glob("*.json"))
+               for k, v in flatten(json.loads(p.read_text())).items()}
+    return {"seed": seed, "wall_s": round(wall, 1), "stages_run": ran, "metrics": metrics}
+
+
+def numeric(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def summarize(runs: list[dict]) -> str:
+    """Markdown: the headline table, PPO-over-SFT on every seed, wall times; writes seed_sd.json."""
+    keys = sorted(set.intersection(*(set(r["metrics"]) for r in runs)))
+    sd = {k: round(statistics.stdev([r["metrics"][k] for r in runs]), 6) for k in keys
+          if all(numeric(r["metrics"][k]) for r in runs)}
+    SD.write_text(json.dumps({"seeds": [r["seed"] for r in runs], "sd": sd}, indent=1, sort_keys=True) + "\n")
+    lines = ["| metric | mean ± sd | min | max | per seed (" + ", ".join(str(r["seed"]) for r in runs) + ") |",
+             "|---|---|---|---|---|"]
+    for label, key in HEADLINE.items():
+        vals = [r["metrics"][key] for r in runs]
+        lines.append(f"| {label} | {statistics.mean(vals):.4g} ± {statistics.stdev(vals):.2g} | {min(vals):.4g} | "
+                     f"{max(vals):.4g} | {', '.join(f'{v:.4g}' for v in vals)} |")
+    beats = [r["metrics"]["metrics/eval_ppo.json:gold"] > r["metrics"]["metrics/eval_sft.json:gold"] for r in runs]
+    above = [r["metrics"]["metrics/compare.json:ppo_vs_sft.win_rate_ci95.gold.low"] > 0.5 for r in runs]
+    lines += ["", f"PPO's mean gold above SFT's: {sum(beats)} of {len(runs)} seeds; gold win rate's 95% interval "
+              f"above 0.5: {sum(above)} of {len(runs)} seeds.",
+              "Wall time per seed (s): " + ", ".join(f"seed {r['seed']} {r['wall_s']:.0f} ({len(r['stages_run'])} stages run)"
+                                                     for r in runs)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--summarize", action="store_true", help="only summarise bench/seed_study.json")
+    args = ap.parse_args()
+    runs = json.loads(RESULTS.read_text())["runs"] if args.summarize else []
+    if not args.summarize:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        with tempfile.TemporaryDirectory() as tmp:
+            for seed in args.seeds:
+                runs.append(run_seed(seed, Path(tmp)))
+                RESULTS.write_text(json.dumps({"commit": head, "machine": platform.processor() or platform.machine(),
+                                               "runs": runs}, indent=1) + "\n")  # kept as each seed ends
+                print(f"seed {seed}: {runs[-1]['wall_s']:.0f} s", flush=True)
+    print(summarize(runs))
+
+
+if __name__ == "__main__":
+    main()
