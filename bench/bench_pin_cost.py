@@ -8,13 +8,17 @@ run on one machine:
    the pinned clone's trained models), free vs pinned.
 
     python bench/bench_pin_cost.py            # about 30 minutes on 2 cores
+    python bench/bench_pin_cost.py --modes free --pinned-from bench/seed_study.json   # pinned: the seed runs
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,9 +57,20 @@ def bench_lines(cmd: list[str], cwd: Path, mode: str) -> list[str]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--pinned-from", type=Path, default=None,
+                    help="take the pinned stage times from bench/seed_study.json (each stage: the mean over the seeds that ran it)")
+    ap.add_argument("--skip-steps", action="store_true", help="only the dvc repro times")
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         stages: dict[str, dict[str, float]] = {}
-        for mode in MODES:
+        if args.pinned_from:
+            runs = [r for r in json.loads(args.pinned_from.read_text())["runs"] if "stage_s" in r]
+            names = dict.fromkeys(n for r in runs for n in r["stage_s"])
+            stages["pinned"] = {n: statistics.mean(r["stage_s"][n] for r in runs if n in r["stage_s"]) for n in names}
+            stages["pinned"]["total"] = sum(stages["pinned"].values())
+        for mode in args.modes:
             clone = Path(tmp) / mode
             subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
             stages[mode] = repro(clone, mode)
@@ -63,9 +78,10 @@ def main() -> None:
                     if (clone / "metrics" / p.name).read_bytes() == p.read_bytes()]
             print(f"{mode}: dvc repro {stages[mode]['total']:.0f} s; metrics files byte-identical to the "
                   f"committed ones: {len(same)} of {len(list((ROOT / 'metrics').glob('*.json')))}", flush=True)
-        steps = {mode: bench_lines(["bench/bench_sft.py", "--steps", "40", "--skip-big"], ROOT, mode) for mode in MODES}
-        ppo = {mode: bench_lines(["bench/bench_ppo.py", "--iterations", "4", "--skip-big"], Path(tmp) / "pinned", mode)
-               for mode in MODES}
+        steps = {} if args.skip_steps else {
+            mode: bench_lines(["bench/bench_sft.py", "--steps", "40", "--skip-big"], ROOT, mode) for mode in MODES}
+        ppo = {} if args.skip_steps else {
+            mode: bench_lines(["bench/bench_ppo.py", "--iterations", "4", "--skip-big"], ROOT, mode) for mode in MODES}
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     print(f"\n{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores\n")
@@ -73,7 +89,7 @@ def main() -> None:
     for name in stages["free"]:
         f, p = stages["free"][name], stages["pinned"].get(name, float("nan"))
         print(f"| {name} | {f:.1f} | {p:.1f} | {p / f:.2f} |")
-    for mode in MODES:
+    for mode in steps:
         print(f"\nSFT step, {mode}:\n" + "\n".join(steps[mode]) + f"\n\nPPO phases, {mode}:\n" + "\n".join(ppo[mode]))
 
 

@@ -1,9 +1,10 @@
 """The default pipeline under several seeds: how much do the headline numbers move?
 
-Each seed runs in its own clone of the repository's HEAD (sharing this repository's DVC cache, so
-the seed-independent stages -- synth, data, tokenizer -- and any seed already run are restored from
-DVC's run-cache instead of rerun) with ``dvc exp run -S seed=<n>``: the one switch every training
-and sampling stage takes its seed from. Per seed it records every metric and the wall time;
+Each seed runs in its own clone of the repository's HEAD with ``dvc exp run -S seed=<n>``: the one
+switch every training and sampling stage takes its seed from. The clones share one new DVC cache:
+the first seed runs the whole graph from nothing (a fresh-clone run: its metrics are checked
+byte for byte against the committed ones when it is the committed seed), the next ones restore
+the seed-independent stages (synth, data, tokenizer) from DVC's run-cache. Per seed it records every metric and the wall time;
 then mean ± sd and min/max of the headline metrics, whether PPO beats SFT on every seed, and, for
 every metric, its standard deviation across seeds in bench/seed_sd.json (the tolerances of
 scripts/check_repro.py).
@@ -57,22 +58,35 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def timed_run(cmd: list[str], cwd: Path, env: dict) -> tuple[dict[str, float], float]:
+    """Seconds per stage (from the times DVC starts each one) and in all."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    start, marks, tail = time.perf_counter(), [], []
+    for line in proc.stdout:
+        tail = (tail + [line])[-40:]
+        if line.startswith("Running stage '"):
+            marks.append((line.split("'")[1], time.perf_counter()))
+    end = time.perf_counter()
+    if proc.wait() != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{''.join(tail)}")
+    stages = {name: round((marks[i + 1][1] if i + 1 < len(marks) else end) - t, 1) for i, (name, t) in enumerate(marks)}
+    return stages, end - start
+
+
 def run_seed(seed: int, work: Path) -> dict:
-    """Clone, share the cache, ``dvc exp run -S seed=<seed>``; every metric and the wall time."""
+    """Clone, share the study's cache, ``dvc exp run -S seed=<seed>``; every metric and the times."""
     clone = work / f"seed{seed}"
     env = {**os.environ, "CQA_PROGRESS": "0"}
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     dvc = [sys.executable, "-m", "dvc"]
-    subprocess.run(dvc + ["cache", "dir", "--local", str(ROOT / ".dvc" / "cache")], cwd=clone, check=True, env=env)
-    start = time.perf_counter()
-    proc = subprocess.run(dvc + ["exp", "run", "-S", f"seed={seed}"], cwd=clone, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"seed {seed}: dvc exp run failed:\n{proc.stderr[-3000:]}")
-    ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage '")]
+    subprocess.run(dvc + ["cache", "dir", "--local", str(work / "cache")], cwd=clone, check=True, env=env)
+    stages, wall = timed_run(dvc + ["exp", "run", "-S", f"seed={seed}"], clone, env)
     metrics = {f"metrics/{p.name}:{k}": v for p in sorted((clone / "metrics").glob("*.json"))
                for k, v in flatten(json.loads(p.read_text())).items()}
-    return {"seed": seed, "wall_s": round(wall, 1), "stages_run": ran, "metrics": metrics}
+    same = [p.name for p in sorted((ROOT / "metrics").glob("*.json"))
+            if (clone / "metrics" / p.name).read_bytes() == p.read_bytes()]
+    return {"seed": seed, "wall_s": round(wall, 1), "stage_s": stages, "numerics": os.environ.get("CQA_NUMERICS", "pinned"),
+            "metrics_files_identical_to_committed": len(same), "metrics": metrics}
 
 
 def numeric(v: object) -> bool:
@@ -95,8 +109,8 @@ def summarize(runs: list[dict]) -> str:
     above = [r["metrics"]["metrics/compare.json:ppo_vs_sft.win_rate_ci95.gold.low"] > 0.5 for r in runs]
     lines += ["", f"PPO's mean gold above SFT's: {sum(beats)} of {len(runs)} seeds; gold win rate's 95% interval "
               f"above 0.5: {sum(above)} of {len(runs)} seeds.",
-              "Wall time per seed (s): " + ", ".join(f"seed {r['seed']} {r['wall_s']:.0f} ({len(r['stages_run'])} stages run)"
-                                                     for r in runs)]
+              "Wall time per seed (s): " + ", ".join(f"seed {r['seed']} {r['wall_s']:.0f} ({len(r['stage_s'])} stages run)"
+                                                     for r in runs if "wall_s" in r)]
     return "\n".join(lines)
 
 
@@ -104,8 +118,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--summarize", action="store_true", help="only summarise bench/seed_study.json")
+    ap.add_argument("--with-committed", action="store_true",
+                    help="count the committed metrics (params.yaml's seed) as one seed, without rerunning it")
     args = ap.parse_args()
     runs = json.loads(RESULTS.read_text())["runs"] if args.summarize else []
+    if args.with_committed and not args.summarize:
+        import yaml
+
+        runs.append({"seed": yaml.safe_load((ROOT / "params.yaml").read_text()).get("seed", 0), "committed": True,
+                     "metrics": {f"metrics/{p.name}:{k}": v for p in sorted((ROOT / "metrics").glob("*.json"))
+                                 for k, v in flatten(json.loads(p.read_text())).items()}})
     if not args.summarize:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         with tempfile.TemporaryDirectory() as tmp:

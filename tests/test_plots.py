@@ -43,6 +43,10 @@ def test_page_names_every_curve_and_loads_nothing_from_the_network(page):
         assert f"vegaEmbed('#{div}'" in html, curve
     assert not re.search(r"""(src|href)\s*=\s*["']https?:""", html)
     assert "cdn.jsdelivr" not in html
+    # the win-rate chart is .dvc/plots/bar_ci.json: bars with the 95% interval of every judge
+    chart = html[html.index("vegaEmbed('#metrics_compare_win_rate_csv'"):]
+    chart = chart[:chart.index("vegaEmbed(", 10)] if "vegaEmbed(" in chart[10:] else chart
+    assert '"x2": {"field": "ci_high"}' in chart and '"field": "ci_low"' in chart and '"ci_low": ' in chart
 
 
 @pytest.mark.skipif(BROWSER is None and not os.environ.get("CQA_REQUIRE_BROWSER"),
