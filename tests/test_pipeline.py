@@ -267,10 +267,13 @@ def test_killed_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo):
 def test_queued_experiment_under_another_seed_runs_pinned(repo):
     """`dvc exp run --queue -S seed=1`: one switch reseeds every training and sampling stage, and
     the queued run (a celery worker in .dvc/tmp/exps) computes under the numeric pin even when its
-    environment asks for other code paths."""
+    environment asks for other code paths, as `dvc repro` does."""
     env = {**stage_env(), "PYTHONPATH": str(repo / "src"), "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AUTO",
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("CQA_NUMERICS", None)
+    pinned = {"mode": "pinned", "aten": "AVX2", "mkl_cbwr": "COMPATIBLE", "threads": 2}
+    # the committed run of the fixture, made by plain `dvc repro`, was pinned too
+    assert yaml.safe_load((repo / "models/sft/params.yaml").read_text())["numerics"] == pinned
     dvc = [sys.executable, "-m", "dvc"]
     for args in (["exp", "run", "--queue", "-S", "seed=1", "--name", "seed1"], ["queue", "start", "-j", "1"],
                  ["queue", "logs", "--follow", "seed1"]):
@@ -284,6 +287,6 @@ def test_queued_experiment_under_another_seed_runs_pinned(repo):
     assert after["val_loss"] != before["val_loss"]  # another seed, another model
     for model, section in (("models/sft", "sft"), ("models/ppo", "ppo"), ("models/reward/classification", "reward")):
         exported = yaml.safe_load((repo / model / "params.yaml").read_text())
-        assert exported["numerics"] == {"mode": "pinned", "aten": "AVX2", "mkl_cbwr": "COMPATIBLE", "threads": 2}, model
+        assert exported["numerics"] == pinned, model
         seeds = [exported[section]["seed"]] if section != "reward" else [exported["reward"]["classification"]["seed"]]
         assert seeds == [1], model
