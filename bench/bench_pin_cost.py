@@ -17,13 +17,14 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from seed_study import timed_run  # the same stage timing as the seed study (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("free", "pinned")
@@ -32,19 +33,8 @@ MODES = ("free", "pinned")
 def repro(clone: Path, mode: str) -> dict[str, float]:
     """Seconds per stage of a full `dvc repro` (from the times DVC starts each stage), and total."""
     env = {**os.environ, "CQA_NUMERICS": mode, "CQA_PROGRESS": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    start = time.perf_counter()
-    marks: list[tuple[str, float]] = []
-    for line in proc.stdout:
-        m = re.match(r"Running stage '([^']+)'", line)
-        if m:
-            marks.append((m.group(1), time.perf_counter()))
-    end = time.perf_counter()
-    if proc.wait() != 0:
-        sys.exit(f"dvc repro ({mode}) failed")
-    times = {name: (marks[i + 1][1] if i + 1 < len(marks) else end) - t for i, (name, t) in enumerate(marks)}
-    return {**times, "total": end - start}
+    stages, total = timed_run([sys.executable, "-m", "dvc", "repro"], clone, env)
+    return {**stages, "total": total}
 
 
 def bench_lines(cmd: list[str], cwd: Path, mode: str) -> list[str]:
