@@ -240,3 +240,17 @@ def test_ppo_refuses_a_sharded_strategy(tmp_path, prepared, rlhf_inputs):
     assert proc.returncode != 0
     assert "trainer.strategy 'fsdp' shards the policy's weights" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "model").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_lora_sft_on_two_processes_matches_one(tmp_path, prepared):
+    """LoRA adapters (and nothing else) train under DDP as in one process."""
+    for devices, batch in ((1, 8), (2, 4)):
+        work = tmp_path / f"d{devices}"
+        params = tiny_params(prepared)
+        params["model"]["lora"] = {"r": 4, "alpha": 8.0, "dropout": 0.0}
+        params["sft"] = _outs(work, {**params["sft"], "batch_size": batch, "max_steps": 12})
+        _run("sft", params, work, devices)
+    one, two = (json.loads((tmp_path / f"d{d}" / "metrics.json").read_text()) for d in (1, 2))
+    _close(one, two, rel=1e-5)
+    assert one["val_perplexity"] < one["untrained_val_perplexity"]
+    assert _max_weight_diff(tmp_path / "d1/model/model.safetensors", tmp_path / "d2/model/model.safetensors") < 1e-5

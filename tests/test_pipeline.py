@@ -13,8 +13,8 @@ import yaml
 
 from conftest import ROOT, init_dvc_repo, stage_env
 
-STAGE_MODULES = {s: f"cqa_rlhf.stages.{s}" for s in ("synth", "data", "tokenizer", "sft", "reward", "ppo", "base",
-                                                      "evaluate", "compare")}
+STAGE_MODULES = {s: f"cqa_rlhf.stages.{s}" for s in ("gguf", "synth", "data", "tokenizer", "sft", "reward", "ppo",
+                                                      "base", "evaluate", "compare")}
 REWARD = {"reward@regression", "reward@classification"}
 EVAL = {"evaluate@base", "evaluate@sft", "evaluate@ppo"}
 ALL = {"synth", "data", "tokenizer", "sft", *REWARD, "ppo", "base", *EVAL, "compare"}

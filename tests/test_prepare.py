@@ -172,10 +172,11 @@ def test_sharded_parallel_run_equals_in_memory_run(real_site, tmp_path, site):
 def test_7z_run_equals_plain_run(real_site, tmp_path):
     import py7zr
     site = real_site("dsmeta")
-    with py7zr.SevenZipFile(tmp_path / "site.7z", "w") as z:
+    archive = tmp_path / f"{site.name}.7z"  # named as published: the site name is the same
+    with py7zr.SevenZipFile(archive, "w") as z:
         z.write(site / "Posts.xml", "Posts.xml")
     prepare(DataConfig(source=str(site), out=str(tmp_path / "plain")))
-    prepare(DataConfig(source=str(tmp_path / "site.7z"), out=str(tmp_path / "7z"), shards=3, workers=2))
+    prepare(DataConfig(source=str(archive), out=str(tmp_path / "7z"), shards=3, workers=2))
     for s in SPLITS:
         for t in TABLES:
             assert read_table(tmp_path / "plain" / s / t).equals(read_table(tmp_path / "7z" / s / t))
@@ -234,5 +235,49 @@ def test_read_table_missing(tmp_path):
 def test_row_to_table_types():
     from cqa_rlhf.data.prepare import rows_to_table
     from cqa_rlhf.data.tables import OUT_SCHEMAS
-    tab = rows_to_table([(1, "q")], OUT_SCHEMAS["prompts"])
+    tab = rows_to_table([(1, "q", "site")], OUT_SCHEMAS["prompts"])
     assert tab.schema == OUT_SCHEMAS["prompts"] and isinstance(tab, pa.Table)
+
+
+# --- several sites at once --------------------------------------------------------------------
+def _rows_by_split(out, table="reward"):
+    return {s: sorted((r["site"], r["question_id"], r["answer_id"]) for r in read_table(out / s / table).to_pylist())
+            for s in SPLITS}
+
+
+def test_a_folder_of_sites_is_each_site_split_as_alone_with_a_site_column(real_site, tmp_path):
+    """beer + dsmeta from a folder holding both: every row carries its site, and each site's rows
+    and splits are exactly those of the site prepared alone (splits by question, per site)."""
+    root = tmp_path / "sites"
+    root.mkdir()
+    for name in ("beer", "dsmeta"):
+        (root / real_site(name).name).symlink_to(real_site(name))
+    both = prepare(DataConfig(source=str(root), out=str(tmp_path / "both"))).metrics
+    combined = _rows_by_split(tmp_path / "both")
+    alone_rows: dict[str, set] = {s: set() for s in SPLITS}
+    alone = {}
+    for name in ("beer", "dsmeta"):
+        alone[name] = prepare(DataConfig(source=str(real_site(name)), out=str(tmp_path / name))).metrics
+        assert both["sites"][real_site(name).name] == alone[name]
+        for s, rows in _rows_by_split(tmp_path / name).items():
+            assert {r[0] for r in rows} == {real_site(name).name}
+            alone_rows[s] |= set(rows)
+    assert {s: set(r) for s, r in combined.items()} == alone_rows
+    for s in SPLITS:
+        assert both[s]["questions"] == sum(m[s]["questions"] for m in both["sites"].values())
+    picked = prepare(DataConfig(source=str(root), sites=[real_site("dsmeta").name], out=str(tmp_path / "one"))).metrics
+    assert picked == alone["dsmeta"]  # one site picked: the single-site metrics
+    assert {r[0] for rows in _rows_by_split(tmp_path / "one").values() for r in rows} == {real_site("dsmeta").name}
+
+
+def test_unknown_site_is_a_one_line_error(real_site, tmp_path):
+    from cqa_rlhf.errors import ConfigError
+
+    root = tmp_path / "sites"
+    root.mkdir()
+    (root / "beer.stackexchange.com").symlink_to(real_site("beer"))
+    with pytest.raises(ConfigError, match=r"data.sites: nope not in .*sites \(there: beer.stackexchange.com\)"):
+        prepare(DataConfig(source=str(root), sites=["nope"], out=str(tmp_path / "o")))
+    with pytest.raises(ConfigError, match="is one dump, not a folder of sites"):
+        prepare(DataConfig(source=str(real_site("beer") / "Posts.xml"), sites=["beer"], out=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()

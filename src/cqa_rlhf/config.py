@@ -95,7 +95,10 @@ class PairsConfig(Section):
 
 
 class DataConfig(Section):
-    source: str = "data/raw/synthetic"  # Posts.xml, a site folder with Posts.xml, a site .7z, or JSON
+    # Posts.xml, a site folder with Posts.xml, a site .7z, the original project's JSON, or a
+    # folder of site folders/.7z files (several sites at once; ``sites`` picks some of them).
+    source: str = "data/raw/synthetic"
+    sites: list[str] | None = None  # names of sites inside ``source``; null: every site there
     format: Literal["auto", "stackexchange", "json"] = "auto"
     out: str = "data/prepared"
     metrics: str = "metrics/data.json"
@@ -220,6 +223,9 @@ class PromptConfig(Section):
     """The one prompt template of every stage; ``{question}`` appears exactly once."""
 
     template: str = "Question: {question}\nAnswer:"
+    # true: the tokenizer's chat template instead (question = user turn, answer = assistant
+    # turn, ending with the tokenizer's EOS); ``template`` is then unused.
+    chat: bool = False
 
     @model_validator(mode="after")
     def _one_placeholder(self) -> PromptConfig:
@@ -228,16 +234,47 @@ class PromptConfig(Section):
         return self
 
 
+LoraStage = Literal["sft", "reward", "ppo"]
+
+
+class LoraConfig(Section):
+    """LoRA adapters (peft) on the trained stages named in ``stages``; ``r: 0`` turns them off.
+    Reward and value heads train in full; exports are merged (they load without peft)."""
+
+    r: int = Field(0, ge=0)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"  # peft's name for every linear layer but the head
+    stages: list[LoraStage] = Field(default_factory=lambda: ["sft", "reward", "ppo"])
+    # blocks that get adapters (negative: from the end); empty: every block. Gradients then stop
+    # at the lowest adapted block, so the backward pass skips the blocks below it.
+    layers: list[int] = Field(default_factory=list)
+
+    def applies(self, stage: LoraStage) -> bool:
+        return self.r > 0 and stage in self.stages
+
+
 class ModelConfig(Section):
-    """A pretrained GPT-Neo (``name``: hub id or local ``save_pretrained`` directory) or a fresh
-    one built from ``config`` (GPTNeoConfig fields) for the offline default."""
+    """A pretrained causal LM of any family the Auto classes cover (``name``: hub id or local
+    ``save_pretrained`` directory, e.g. a converted GGUF under ``models/pretrained``) or a fresh
+    one built from ``config`` (GPTNeoConfig fields; another family with ``model_type``)."""
 
     name: str | None = None
     config: dict[str, int | float | str | bool | list] = Field(default_factory=dict)
+    lora: LoraConfig = LoraConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded
     # Trained models recompute each block's activations in backward: ~1/3 more compute, the
     # activation memory of one block instead of all (README, "Scaling out").
     gradient_checkpointing: bool = False
+
+
+class GGUFConfig(Section):
+    """One GGUF checkpoint converted once (stage ``gguf@<name>``) into a float32
+    ``save_pretrained`` directory with its tokenizer; point ``model.name`` at ``out``."""
+
+    file: str  # the .gguf file (a DVC dependency), or pkg:<package>/<file> (presets resolve it)
+    out: str  # under models/pretrained (the folder the tokenizer and sft stages depend on)
+    check_prompt: str = "Question: What is a good first beer to brew at home?\nAnswer:"
 
 
 class TokenizerConfig(Section):
@@ -403,6 +440,8 @@ class RewardKindConfig(TrainConfig):
     live_dir: str = "dvclive/reward/kind"
     checkpoint_dir: str = "checkpoints/reward/kind"
     score_batch_size: int = Field(64, ge=1)
+    # PPO's score normalisation: mean/std over the first N SFT training answers; null: all of them
+    norm_answers: int | None = Field(None, ge=2)
 
 
 class RegressionConfig(RewardKindConfig):
@@ -548,3 +587,5 @@ SECTIONS: dict[str, type[Section]] = {
     "tokenizer": TokenizerConfig, "trainer": TrainerConfig, "sft": SFTConfig, "reward": RewardConfig,
     "ppo": PPOConfig, "base": BaseConfig, "evaluate": EvaluateConfig, "compare": CompareConfig,
 }
+TOP_LEVEL = ("seed", "pretrained_dir")  # scalar params outside any section
+OPEN_SECTIONS: dict[str, type[Section]] = {"gguf": GGUFConfig}  # entries named by the user, each of this type

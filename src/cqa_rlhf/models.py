@@ -1,14 +1,18 @@
-"""The model factory: every stage gets its GPT-Neo variant here and nowhere else.
+"""The model factory: every stage gets its model here and nowhere else.
 
-Variants: ``causal`` (policy / SFT), ``reward`` (sequence classification, one scalar, read at
-the last real token) and ``value`` (a causal LM plus a scalar value head for PPO). Weights come
-from ``init_from`` (an exported stage directory), else ``model.name`` (hub id or local
-``save_pretrained`` directory), else a fresh GPT-Neo built from ``model.config``. Loading is
-safetensors-only and never runs remote code.
+Any causal LM family transformers' Auto classes cover (GPT-Neo is the default; GPT-2,
+GPT-NeoX/Pythia and Llama/SmolLM2 are tested). Variants: ``causal`` (policy / SFT), ``reward``
+(sequence classification, one scalar, read at the last real token) and ``value`` (a causal LM
+plus a scalar value head for PPO). Weights come from ``init_from`` (an exported stage
+directory), else ``model.name`` (hub id or local ``save_pretrained`` directory), else a fresh
+model built from ``model.config``. Loading is safetensors-only and never runs remote code.
+With ``lora``, peft adapters wrap the model (heads trained in full); :func:`merge_lora` folds
+them back before export, so exported directories load without peft.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,27 +22,37 @@ from typing import Literal
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
     GPTNeoConfig,
-    GPTNeoForCausalLM,
-    GPTNeoForSequenceClassification,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from cqa_rlhf.config import ModelConfig
+from cqa_rlhf.config import LoraConfig, ModelConfig
 from cqa_rlhf.errors import DataError
 
 Kind = Literal["causal", "reward", "value"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def fresh_config(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GPTNeoConfig:
-    return GPTNeoConfig(
-        **{"vocab_size": len(tokenizer), **model.config},
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+def fresh_config(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """``model.config`` as a GPT-Neo config, or as the family its ``model_type`` names."""
+    fields = {"vocab_size": len(tokenizer), **model.config}
+    ids = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    model_type = fields.pop("model_type", None)
+    if model_type is None:
+        return GPTNeoConfig(**fields, **ids)
+    return AutoConfig.for_model(str(model_type), **fields, **ids)
+
+
+def num_layers(model: nn.Module) -> int:
+    """Transformer blocks of any family (``num_hidden_layers`` is every config's common name)."""
+    return int(unwrap(model).config.num_hidden_layers)
 
 
 def _tie_to_tokenizer(m: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -63,31 +77,104 @@ def _checkpointing(m: PreTrainedModel, model: ModelConfig) -> PreTrainedModel:
 
 
 def build_model(model: ModelConfig, tokenizer: PreTrainedTokenizerBase, kind: Kind,
-                init_from: str | Path | None = None) -> nn.Module:
+                init_from: str | Path | None = None, lora: bool = False) -> nn.Module:
+    """A ``kind`` model from ``init_from``, ``model.name`` or ``model.config``; with ``lora``,
+    wrapped in ``model.lora`` adapters (the reward head and value head train in full)."""
     source = str(init_from) if init_from is not None else model.name
-    dtype = _DTYPES[model.dtype]
     if kind in ("causal", "value"):
-        if source is not None:
-            lm = GPTNeoForCausalLM.from_pretrained(source, use_safetensors=True, dtype=dtype,
-                                                   trust_remote_code=False)
-        else:
-            lm = GPTNeoForCausalLM(fresh_config(model, tokenizer)).to(dtype)
-        lm = _checkpointing(_tie_to_tokenizer(lm, tokenizer), model)
+        lm = _checkpointing(_tie_to_tokenizer(_load(AutoModelForCausalLM, source, model, tokenizer), tokenizer), model)
+        lm = with_lora(lm, model.lora, "CAUSAL_LM") if lora else lm
         return lm if kind == "causal" else CausalLMWithValueHead(lm)
-    new_head = True
-    if source is not None:
-        rm, info = GPTNeoForSequenceClassification.from_pretrained(
-            source, num_labels=1, use_safetensors=True, dtype=dtype, trust_remote_code=False,
-            output_loading_info=True)
-        new_head = any(k.startswith("score.") for k in info["missing_keys"])
-    else:
-        config = fresh_config(model, tokenizer)
-        config.num_labels = 1
-        rm = GPTNeoForSequenceClassification(config).to(dtype)
+    rm, new_head = _load_reward(source, model, tokenizer)
     rm = _checkpointing(_tie_to_tokenizer(rm, tokenizer), model)
     if new_head:  # N(0, 1/sqrt(d+1)) as in the RLHF literature (NID #15), not the LM's init
         nn.init.normal_(rm.score.weight, std=1 / math.sqrt(rm.config.hidden_size + 1))
-    return rm
+    return with_lora(rm, model.lora, "SEQ_CLS") if lora else rm
+
+
+def _load(auto, source: str | None, model: ModelConfig, tokenizer: PreTrainedTokenizerBase,
+          **kwargs) -> PreTrainedModel:
+    """``auto.from_pretrained(source)`` (safetensors, no remote code), or a fresh model."""
+    dtype = _DTYPES[model.dtype]
+    if source is not None:
+        return auto.from_pretrained(source, use_safetensors=True, dtype=dtype, trust_remote_code=False, **kwargs)
+    config = fresh_config(model, tokenizer)
+    for key, value in kwargs.items():
+        setattr(config, key, value)
+    return auto.from_config(config).to(dtype)
+
+
+def _load_reward(source: str | None, model: ModelConfig,
+                 tokenizer: PreTrainedTokenizerBase) -> tuple[PreTrainedModel, bool]:
+    """A sequence-classification model with one label, and whether its ``score`` head is new."""
+    if source is None:
+        return _load(AutoModelForSequenceClassification, None, model, tokenizer, num_labels=1), True
+    rm, info = _load(AutoModelForSequenceClassification, source, model, tokenizer, num_labels=1,
+                     output_loading_info=True)
+    return rm, any(k.startswith("score.") for k in info["missing_keys"])
+
+
+def with_lora(m: PreTrainedModel, cfg: LoraConfig, task: Literal["CAUSAL_LM", "SEQ_CLS"]) -> nn.Module:
+    """``m`` with fresh LoRA adapters (B = 0: the wrapped model computes what ``m`` did); every
+    base weight frozen, the ``score`` head of a reward model trained in full."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    target = linear_names(m) if cfg.target_modules == "all-linear" else cfg.target_modules
+    n = int(m.config.num_hidden_layers)
+    layers = sorted({i % n for i in cfg.layers}) or None
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target,
+                              layers_to_transform=layers, task_type=task,
+                              modules_to_save=["score"] if task == "SEQ_CLS" else None)
+    return get_peft_model(m, peft_cfg)
+
+
+def linear_names(m: PreTrainedModel) -> list[str]:
+    """peft's ``all-linear`` spelt out (peft refuses the string with ``layers_to_transform``):
+    the names of every linear layer (GPT-2's ``Conv1D`` too) but the output head and ``score``."""
+    head = m.get_output_embeddings()
+    names = {name.rsplit(".", 1)[-1] for name, mod in m.named_modules()
+             if type(mod).__name__ in ("Linear", "Conv1D") and mod is not head and name.rsplit(".", 1)[-1] != "score"}
+    return sorted(names)
+
+
+def is_lora(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("peft.")
+
+
+def unwrap(m: nn.Module) -> PreTrainedModel:
+    """The transformers model under a peft wrapper (adapters still injected), or ``m``."""
+    return m.get_base_model() if is_lora(m) else m
+
+
+def merge_lora(m: nn.Module) -> nn.Module:
+    """``m`` with every LoRA adapter folded into its base weights and the peft wrappers gone:
+    a plain transformers model (or value-head / critic wrapper) that loads without peft."""
+    if is_lora(m):
+        return m.merge_and_unload()
+    if isinstance(m, CausalLMWithValueHead | PolicyWithCritic):
+        m.lm = merge_lora(m.lm)
+    if isinstance(m, PolicyWithCritic):
+        m.critic.rm = merge_lora(m.critic.rm)
+    return m
+
+
+class AdapterFreeReference(nn.Module):
+    """PPO's frozen reference under LoRA: the policy's own base weights with its adapters
+    switched off, as TRL and OpenRLHF do, so no second copy of the model sits in memory.
+    ``forward`` returns what the policy's base model returns (logits ``[B, T, V]``)."""
+
+    def __init__(self, policy_lm: nn.Module) -> None:
+        super().__init__()
+        self._policy = [policy_lm]  # a list: not a submodule, its weights stay the policy's alone
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self._policy[0].config
+
+    def forward(self, *args, **kwargs):
+        lm = self._policy[0]
+        with lm.disable_adapter(), torch.no_grad():
+            return lm(*args, **kwargs)
 
 
 @contextmanager
@@ -149,9 +236,10 @@ class TokenCritic(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.rm.transformer(input_ids=input_ids, attention_mask=attention_mask,
-                                     position_ids=position_ids).last_hidden_state
-        return self.rm.score(hidden).squeeze(-1).float()
+        rm = unwrap(self.rm)  # the backbone and head of any family (``rm.transformer`` is GPT's)
+        hidden = rm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state
+        return rm.score(hidden).squeeze(-1).float()
 
 
 class PolicyWithCritic(nn.Module):
@@ -178,11 +266,53 @@ def load_frozen(path: str | Path, tokenizer: PreTrainedTokenizerBase, kind: Lite
 
 
 def build_policy(model: ModelConfig, tokenizer: PreTrainedTokenizerBase, sft_dir: str | Path,
-                 critic: Literal["shared", "separate"], reward_dir: str | Path) -> nn.Module:
+                 critic: Literal["shared", "separate"], reward_dir: str | Path, lora: bool = False) -> nn.Module:
     """PPO's trained model: the SFT policy with a zero-initialised value head on its backbone
-    (``shared``), or with a separate critic initialised from the reward model. Dropout off."""
+    (``shared``), or with a separate critic initialised from the reward model. Dropout off.
+    With ``lora`` the policy (and a separate critic) train adapters; the heads train in full."""
     if critic == "shared":
-        return disable_dropout(build_model(model, tokenizer, "value", init_from=sft_dir))
-    lm = build_model(model, tokenizer, "causal", init_from=sft_dir)
-    return disable_dropout(PolicyWithCritic(lm, TokenCritic(build_model(model, tokenizer, "reward",
-                                                                          init_from=reward_dir))))
+        return disable_dropout(build_model(model, tokenizer, "value", init_from=sft_dir, lora=lora))
+    lm = build_model(model, tokenizer, "causal", init_from=sft_dir, lora=lora)
+    rm = build_model(model, tokenizer, "reward", init_from=reward_dir, lora=lora)
+    return disable_dropout(PolicyWithCritic(lm, TokenCritic(rm)))
+
+
+def reference_for(policy: nn.Module, sft_dir: str | Path, tokenizer: PreTrainedTokenizerBase,
+                  dtype: str) -> nn.Module:
+    """PPO's frozen reference: the policy's base with its adapters off under LoRA (the policy
+    starts from ``sft_dir`` with zero adapters, so that base is the SFT model), else a loaded copy."""
+    lm = policy.lm
+    if is_lora(lm):
+        return AdapterFreeReference(lm)
+    return load_frozen(sft_dir, tokenizer, "causal", dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF checkpoints: converted once into a float32 save_pretrained directory
+# --------------------------------------------------------------------------------------------
+def load_gguf(file: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The GGUF file's model, dequantised to float32 by transformers (``gguf`` package), and its tokenizer."""
+    if not file.is_file():
+        raise DataError(f"{file}: GGUF file not found")
+    tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
+    return model.eval(), tok
+
+
+def plain_copy(gguf_model: PreTrainedModel) -> PreTrainedModel:
+    """The same weights in a model built from the config without ``quantization_config``: the
+    GGUF-loaded model refuses ``save_pretrained``; this one saves and reloads as any model."""
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = "float32"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.tie_weights()
+    return model.eval()
+
+
+@torch.no_grad()
+def logits_gap(a: PreTrainedModel, b: PreTrainedModel, ids: torch.Tensor) -> float:
+    """Largest absolute difference of two models' logits on ``ids`` [1, T] (0.0: identical)."""
+    return float((a(input_ids=ids).logits - b(input_ids=ids).logits).abs().max())

@@ -6,6 +6,9 @@ params file. The command checks that every key exists in the params file (DVC re
 preset as ``-S key=value`` flags, so a preset runs as an experiment:
 
     dvc exp run $(python -m cqa_rlhf.presets presets/gpt-neo-125m-1gpu.yaml)
+
+Entries of ``gguf`` (checkpoints to convert) are new keys by nature; a ``pkg:<package>/<file>``
+there becomes the file's absolute path, the dependency DVC hashes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,16 @@ from pathlib import Path
 
 import yaml
 
-from cqa_rlhf.config import SECTIONS, ParamsLoader, parse_section, read_params, seeded
+from cqa_rlhf.config import (
+    OPEN_SECTIONS,
+    SECTIONS,
+    TOP_LEVEL,
+    GGUFConfig,
+    ParamsLoader,
+    parse_section,
+    read_params,
+    seeded,
+)
 from cqa_rlhf.errors import ConfigError, cli
 
 
@@ -51,6 +63,8 @@ def merge(params: dict, preset: dict, where: str) -> tuple[dict, set[str]]:
         node = merged
         *parents, last = dotted.split(".")
         for i, key in enumerate(parents):
+            if parents[0] in OPEN_SECTIONS and isinstance(node, dict) and i > 0:
+                node.setdefault(key, {})
             node = node.get(key) if isinstance(node, dict) else None
             if not isinstance(node, dict):
                 raise ConfigError(f"{where}: {dotted}: no section {'.'.join(parents[: i + 1])} in params")
@@ -58,6 +72,17 @@ def merge(params: dict, preset: dict, where: str) -> tuple[dict, set[str]]:
             added.add(dotted)
         node[last] = value
     return merged, added
+
+
+def resolve_gguf(preset: dict, where: str) -> dict:
+    """The preset with every ``gguf`` entry checked and its ``pkg:`` file made a path."""
+    from cqa_rlhf.io import resolve_resource
+
+    entries = preset.get("gguf") or {}
+    for name, entry in entries.items():
+        cfg = parse_section({f"gguf.{name}": entry}, f"gguf.{name}", GGUFConfig, where)
+        entry["file"] = str(resolve_resource(cfg.file).resolve())
+    return preset
 
 
 def flag(dotted: str, value: object, where: str, added: bool = False) -> str:
@@ -71,13 +96,13 @@ def flag(dotted: str, value: object, where: str, added: bool = False) -> str:
 
 def preset_flags(preset_path: str | Path, params_path: str | Path) -> list[str]:
     """The preset as ``-S`` flags, after checking it against the params file and the configs."""
-    preset = read_preset(preset_path)
+    preset = resolve_gguf(read_preset(preset_path), str(preset_path))
     params = read_params(params_path)
     merged, added = merge(params, preset, str(preset_path))
     where = f"{params_path} + {preset_path}"
     checked = seeded(merged, where)
     for name in preset:
-        if name not in SECTIONS and name != "seed":
+        if name not in SECTIONS and name not in TOP_LEVEL and name not in OPEN_SECTIONS:
             raise ConfigError(f"{preset_path}: {name}: not a params section")
         if name in SECTIONS:
             parse_section(checked, name, SECTIONS[name], where)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from cqa_rlhf.config import PromptConfig
+from cqa_rlhf.errors import ConfigError
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -21,6 +22,25 @@ class Encoded:
     labels: list[int]  # IGNORE_INDEX on the prompt; the answer (and its EOS) otherwise
     prompt_len: int  # tokens before the answer starts
     truncated_answer: bool
+
+
+_MARK = "\x00QUESTION\x00"
+
+
+def chat_template(tok: PreTrainedTokenizerBase) -> str:
+    """The tokenizer's chat template as a plain template: the text before and after a user turn
+    holding ``{question}``, up to where the assistant's answer starts. Refused (ConfigError) when
+    the tokenizer has none, or when its assistant turn does not end with the tokenizer's EOS
+    (the answer's last label must be the token that ends a turn, so sampling stops there)."""
+    if not tok.chat_template:
+        raise ConfigError(f"prompt.chat: the tokenizer {tok.name_or_path!r} has no chat template")
+    user = [{"role": "user", "content": _MARK}]
+    prompt = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    whole = tok.apply_chat_template(user + [{"role": "assistant", "content": "A"}], tokenize=False)
+    if not whole.startswith(prompt + "A" + tok.eos_token):
+        raise ConfigError(f"prompt.chat: the chat template of {tok.name_or_path!r} does not end the "
+                         f"assistant turn with the EOS token {tok.eos_token!r}")
+    return prompt.replace(_MARK, "{question}")
 
 
 class PromptFormatter:
@@ -35,8 +55,9 @@ class PromptFormatter:
     """
 
     def __init__(self, cfg: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> None:
-        self.template = cfg.template
-        self.prefix, self.suffix = cfg.template.split("{question}")
+        self.chat = cfg.chat
+        self.template = chat_template(tokenizer) if cfg.chat else cfg.template
+        self.prefix, self.suffix = self.template.split("{question}")
         self.tok = tokenizer
         if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
             raise ValueError("tokenizer needs an EOS and a pad token")
@@ -51,11 +72,13 @@ class PromptFormatter:
         return self.tok(text, add_special_tokens=False, verbose=False)["input_ids"] if text else []
 
     def prompt(self, question: str) -> str:
-        return self.template.format(question=question)
+        """The prompt's text: exactly what :meth:`encode_prompt` tokenizes (around the question)."""
+        return self.prefix + question + self.suffix
 
     def answer_text(self, answer: str) -> str:
-        """What follows the prompt: one space, then the answer (the template ends at 'Answer:')."""
-        return " " + answer.strip()
+        """What follows the prompt: one space, then the answer (the plain template ends at
+        'Answer:'); under a chat template the assistant turn's text as it stands."""
+        return answer.strip() if self.chat else " " + answer.strip()
 
     def encode_prompt(self, question: str, max_prompt_len: int) -> list[int]:
         """Prompt ids for generation, the question cut from its end to fit ``max_prompt_len``."""

@@ -39,9 +39,14 @@ FINGERPRINT_FILE = "fingerprint.json"
 # --------------------------------------------------------------------------------------------
 # Parameters: weight-decay groups and freezing
 # --------------------------------------------------------------------------------------------
+def is_norm(module: nn.Module) -> bool:
+    """A LayerNorm or RMSNorm of any family (Llama's ``LlamaRMSNorm`` is not an ``nn.LayerNorm``)."""
+    return isinstance(module, nn.LayerNorm | nn.RMSNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two groups: decayed, and not decayed (biases, LayerNorms)."""
-    no_decay_ids = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    """Trainable parameters in two groups: decayed, and not decayed (biases, norms)."""
+    no_decay_ids = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -50,33 +55,45 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-_LAYER = re.compile(r"\.h\.(\d+)\.")
+# A block's index in any family's block list: GPT-2/GPT-Neo ``h.N``, GPT-NeoX/Llama ``layers.N``.
+_LAYER = re.compile(r"(?:^|\.)(?:h|layers|blocks)\.(\d+)\.")
+_ATTN = re.compile(r"(?:^|\.)(?:attn|attention|self_attn)\.")
+_FF = re.compile(r"(?:^|\.)(?:mlp|feed_forward)\.")
 
 
-def param_category(name: str) -> str:
-    """emb | ln | attn | ff | other, from GPT-Neo parameter names."""
-    if ".wte." in name or ".wpe." in name or name.startswith(("wte.", "wpe.")):
-        return "emb"
-    if re.search(r"(^|\.)ln_(1|2|f)\.", name):
-        return "ln"
-    if ".attn." in name:
-        return "attn"
-    if ".mlp." in name:
-        return "ff"
-    return "other"
+def param_categories(model: nn.Module) -> dict[str, str]:
+    """emb | ln | attn | ff | other for every parameter name, from the module that holds it:
+    embeddings and norms by type, attention and MLP by their block's sub-module name (the names
+    of GPT-2, GPT-Neo, GPT-NeoX and Llama, LoRA adapters inside them included)."""
+    out = {}
+    for mod_name, module in model.named_modules():
+        for p_name, _ in module.named_parameters(prefix=mod_name, recurse=False):
+            if isinstance(module, nn.Embedding):
+                out[p_name] = "emb"
+            elif is_norm(module):
+                out[p_name] = "ln"
+            elif _ATTN.search(p_name):
+                out[p_name] = "attn"
+            elif _FF.search(p_name):
+                out[p_name] = "ff"
+            else:
+                out[p_name] = "other"
+    return out
 
 
 def apply_freeze(model: nn.Module, cfg: FreezeConfig, num_layers: int) -> dict[str, int]:
-    """Set ``requires_grad`` by the freeze options; returns trainable/frozen parameter counts."""
+    """Freeze parameters by the freeze options (never unfreezes: LoRA's frozen base weights
+    stay frozen); returns trainable/frozen parameter counts."""
     keep = {i % num_layers for i in cfg.layers_not_to_freeze}
     flags = {"emb": cfg.freeze_emb, "ln": cfg.freeze_ln, "attn": cfg.freeze_attn, "ff": cfg.freeze_ff,
              "other": cfg.freeze_other}
+    categories = param_categories(model)
     counts = {"trainable": 0, "frozen": 0}
     for name, p in model.named_parameters():
         layer = _LAYER.search(name)
-        frozen = flags[param_category(name)] and not (layer and int(layer.group(1)) in keep)
-        p.requires_grad_(not frozen)
-        counts["frozen" if frozen else "trainable"] += p.numel()
+        frozen = flags[categories[name]] and not (layer and int(layer.group(1)) in keep)
+        p.requires_grad_(p.requires_grad and not frozen)
+        counts["trainable" if p.requires_grad else "frozen"] += p.numel()
     return counts
 
 

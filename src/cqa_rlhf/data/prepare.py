@@ -386,7 +386,7 @@ class _Answer:
 
 def _build_task(task: tuple) -> BuildStats:
     """Pool task: build one shard's tables and write them as ``<split>/<table>/part-<shard>``."""
-    workdir, out, shard, cfg = task
+    workdir, out, shard, cfg, site = task
     stats = BuildStats()
     q = _read_shard(Path(workdir), "q", shard, Q_SCHEMA, ["key", "question_id"])
     a = _read_shard(Path(workdir), "a", shard, A_SCHEMA, ["key", "question_id", "answer_id"])
@@ -395,7 +395,8 @@ def _build_task(task: tuple) -> BuildStats:
         for t in TABLES:
             stats.counts[s][t] += len(rows[s][t])
             if rows[s][t]:
-                pq.write_table(rows_to_table(rows[s][t], OUT_SCHEMAS[t]), Path(out) / s / t / part_name(shard))
+                table = rows_to_table([(*r, site) for r in rows[s][t]], OUT_SCHEMAS[t])
+                pq.write_table(table, Path(out) / s / t / part_name(shard))
     return stats
 
 
@@ -581,14 +582,14 @@ class _LazyPool:
 
 
 def _build_tables(workdir: Path, tmp_out: Path, n_shards: int, cfg: DataConfig, workers: int,
-                  get_pool: _LazyPool) -> BuildStats:
+                  get_pool: _LazyPool, site: str) -> BuildStats:
     """Pass 2 over every shard into ``tmp_out``; an empty table still gets one (empty) part, so
     readers get its schema."""
     for s in SPLITS:
         for t in TABLES:
             (tmp_out / s / t).mkdir(parents=True)
     stats = BuildStats()
-    tasks = [(str(workdir), str(tmp_out), shard, cfg) for shard in range(n_shards)]
+    tasks = [(str(workdir), str(tmp_out), shard, cfg, site) for shard in range(n_shards)]
     parallel = workers >= 2 and n_shards > 1
     for part in (get_pool().imap_unordered(_build_task, tasks) if parallel else map(_build_task, tasks)):
         stats.add(part)
@@ -599,9 +600,93 @@ def _build_tables(workdir: Path, tmp_out: Path, n_shards: int, cfg: DataConfig, 
     return stats
 
 
+def site_name(source: Path) -> str:
+    """A dump's site name: its folder's name for a Posts.xml, else the file's name without
+    its suffix (``beer.stackexchange.com.7z`` -> ``beer.stackexchange.com``)."""
+    source = Path(source)
+    if source.is_file() and source.name.lower() == "posts.xml":
+        source = source.parent
+    return source.name if source.is_dir() else source.stem
+
+
+def _is_dump(path: Path) -> bool:
+    """One site: a Posts.xml, .7z or JSON file, or a folder with a Posts.xml or a single .7z."""
+    if path.is_dir():
+        children = list(path.iterdir())
+        return any(c.name.lower() == "posts.xml" for c in children) or sum(c.suffix.lower() == ".7z" for c in children) == 1
+    return path.suffix.lower() in (".7z", ".json", ".xml")
+
+
+def resolve_sources(cfg: DataConfig) -> list[tuple[str, Path]]:
+    """(site, path) of every source: ``data.source`` itself when it is one dump, or the site
+    folders/.7z files inside it (those named in ``data.sites``, else all), sorted by name."""
+    root = Path(cfg.source)
+    if not root.exists():
+        raise DataError(f"{root}: source not found")
+    if cfg.sites is None and _is_dump(root):
+        return [(site_name(root), root)]
+    if not root.is_dir():
+        raise ConfigError(f"data.sites: {root} is one dump, not a folder of sites")
+    found = {site_name(c): c for c in sorted(root.iterdir()) if not c.name.startswith(".") and _is_dump(c)}
+    if not found:
+        raise DataError(f"{root}: no Posts.xml, site folder or .7z here")
+    missing = sorted(set(cfg.sites or ()) - set(found))
+    if missing:
+        raise ConfigError(f"data.sites: {', '.join(missing)} not in {root} (there: {', '.join(found)})")
+    return [(name, found[name]) for name in sorted(cfg.sites or found)]
+
+
 def prepare(cfg: DataConfig) -> PrepareResult:
-    """Run both passes; outputs appear at ``cfg.out`` only when everything succeeded."""
-    out, source, fmt = Path(cfg.out), Path(cfg.source), cfg.format
+    """Prepare every source (each split by question as a single site would be), tables
+    combined with a ``site`` column; outputs appear at ``cfg.out`` only when all succeeded."""
+    out, sources = Path(cfg.out), resolve_sources(cfg)
+    scratch_root = Path(cfg.workdir) if cfg.workdir else out.parent
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    tmp_out = scratch_root / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    try:
+        if len(sources) == 1:
+            metrics = _prepare_site(cfg, *sources[0], tmp_out, scratch_root)
+        else:
+            per_site = {}
+            for i, (site, path) in enumerate(sources):
+                per_site[site] = _prepare_site(cfg, site, path, tmp_out / f".site-{i}", scratch_root)
+                _move_parts(tmp_out / f".site-{i}", tmp_out, i)
+            metrics = combined_metrics(per_site)
+        replace_dir(tmp_out, out)
+        return PrepareResult(metrics=metrics, out=out)
+    except BaseException:
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        raise
+
+
+def _move_parts(site_out: Path, tmp_out: Path, index: int) -> None:
+    """A site's parts into the combined tables as ``part-<site index>-<shard>``, in site order."""
+    for s in SPLITS:
+        for t in TABLES:
+            (tmp_out / s / t).mkdir(parents=True, exist_ok=True)
+            for part in sorted((site_out / s / t).glob("part-*.parquet")):
+                os.replace(part, tmp_out / s / t / f"part-{index:03d}-{part.name.removeprefix('part-')}")
+    shutil.rmtree(site_out)
+
+
+def combined_metrics(per_site: dict[str, dict]) -> dict:
+    """Counts summed over the sites, means weighted by their counts, and every site's own metrics."""
+    out: dict = {"sites": per_site}
+    means = {"mean_question_chars": "questions", "mean_answer_chars": "reward", "mean_sft_answer_chars": "sft"}
+    for s in SPLITS:
+        rows = [m[s] for m in per_site.values()]
+        split = {k: sum(r[k] for r in rows) for k in ("questions", "sft", "reward", "pairs")}
+        for mean, count in means.items():
+            split[mean] = round(sum(r[mean] * r[count] for r in rows) / split[count], 2) if split[count] else 0.0
+        out[s] = split
+    out["input"] = {k: sum(m["input"][k] for m in per_site.values()) for k in next(iter(per_site.values()))["input"]}
+    return out
+
+
+def _prepare_site(cfg: DataConfig, site: str, source: Path, tmp_out: Path, scratch_root: Path) -> dict:
+    """Both passes over one dump into ``tmp_out`` (tables carry ``site``); returns its metrics."""
+    fmt = cfg.format
     if fmt == "auto":
         fmt = "json" if is_json_source(source) else "stackexchange"
     dump = resolve_dump(source) if fmt == "stackexchange" else None
@@ -609,28 +694,20 @@ def prepare(cfg: DataConfig) -> PrepareResult:
         raise DataError(f"{source}: source not found")
     run = plan(dump.size_bytes if dump is not None else source.stat().st_size, cfg)
     os.environ.setdefault(*ARROW_POOL_ENV)  # for the workers spawned below
-    scratch_root = Path(cfg.workdir) if cfg.workdir else out.parent
-    scratch_root.mkdir(parents=True, exist_ok=True)
-    tmp_out = scratch_root / f".{out.name}.tmp-{os.getpid()}"
-    workdir = scratch_root / f".{out.name}.shards-{os.getpid()}"
-    for p in (tmp_out, workdir):
-        shutil.rmtree(p, ignore_errors=True)
-        p.mkdir(parents=True)
+    workdir = scratch_root / f".{Path(cfg.out).name}.shards-{os.getpid()}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    tmp_out.mkdir(parents=True)
     get_pool = _LazyPool(run.workers)
     try:
         if dump is not None:
             ingest = shard_dump(dump, workdir, run.shards, cfg, run.workers, run.flush_bytes, get_pool)
         else:
             ingest = shard_json(source, workdir, run.shards, cfg, run.flush_bytes)
-        stats = _build_tables(workdir, tmp_out, run.shards, cfg, run.workers, get_pool)
-        metrics = _metrics(ingest, stats, run.shards)
+        stats = _build_tables(workdir, tmp_out, run.shards, cfg, run.workers, get_pool, site)
         if not any(stats.counts[s]["prompts"] for s in SPLITS):
-            raise DataError(f"{cfg.source}: no question survived the filters; nothing to prepare")
-        replace_dir(tmp_out, out)
-        return PrepareResult(metrics=metrics, out=out)
-    except BaseException:
-        shutil.rmtree(tmp_out, ignore_errors=True)
-        raise
+            raise DataError(f"{source}: no question survived the filters; nothing to prepare")
+        return _metrics(ingest, stats, run.shards)
     finally:
         get_pool.close()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -24,6 +24,7 @@ OUT_SCHEMAS = {
             ("answer_id", pa.int64()),
             ("answer", pa.string()),
             ("source", pa.string()),  # "accepted" or "top_score"
+            ("site", pa.string()),  # the dump it came from (data.prepare.site_name)
         ]
     ),
     "reward": pa.schema(
@@ -35,6 +36,7 @@ OUT_SCHEMAS = {
             ("votes", pa.float64()),  # raw Score attribute
             ("score", pa.float64()),  # votes scaled as data.score says
             ("accepted", pa.bool_()),
+            ("site", pa.string()),
         ]
     ),
     "pairs": pa.schema(
@@ -47,9 +49,10 @@ OUT_SCHEMAS = {
             ("rejected", pa.string()),
             ("margin", pa.float64()),  # scaled score gap, >= 0 (0 when scores are unknown)
             ("source", pa.string()),  # "accepted" or "score"
+            ("site", pa.string()),
         ]
     ),
-    "prompts": pa.schema([("question_id", pa.int64()), ("question", pa.string())]),
+    "prompts": pa.schema([("question_id", pa.int64()), ("question", pa.string()), ("site", pa.string())]),
 }
 
 

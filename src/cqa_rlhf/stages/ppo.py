@@ -16,7 +16,7 @@ from cqa_rlhf.batches import LengthGroupedBatchSampler, ListDataset, PromptColla
 from cqa_rlhf.config import PPOConfig
 from cqa_rlhf.data.tables import read_table
 from cqa_rlhf.errors import DataError, cli
-from cqa_rlhf.models import CausalLMWithValueHead, build_policy, exported_dir, load_frozen
+from cqa_rlhf.models import CausalLMWithValueHead, build_policy, exported_dir, merge_lora, num_layers, reference_for
 from cqa_rlhf.ppo import PPOModule
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.reward import load_judge
@@ -82,9 +82,10 @@ def run(cfg: PPOConfig, shared: Shared) -> dict:
 
     # 2. Models: the policy (SFT + value head or critic); the rollout engine with the frozen
     #    reference and reward model.
-    policy = build_policy(shared.model, tok, cfg.sft_dir, cfg.critic, cfg.reward_model)
-    freeze = apply_freeze(policy.lm, cfg.freeze, policy.lm.config.num_layers)
-    ref = load_frozen(cfg.sft_dir, tok, "causal", shared.model.dtype)
+    policy = build_policy(shared.model, tok, cfg.sft_dir, cfg.critic, cfg.reward_model,
+                          lora=shared.model.lora.applies("ppo"))
+    freeze = apply_freeze(policy.lm, cfg.freeze, num_layers(policy.lm))
+    ref = reference_for(policy, cfg.sft_dir, tok, shared.model.dtype)  # LoRA: the policy, adapters off
     judge = load_judge(cfg.reward_model, "ppo.reward_model", shared.prompt, tok, shared.model.dtype)
     engine = RolloutEngine(fmt, cfg.sample, cfg.max_prompt_length, cfg.max_length, cfg.micro_batch_size,
                            ref, judge.model, judge.retokenize)
@@ -106,6 +107,7 @@ def run(cfg: PPOConfig, shared: Shared) -> dict:
     if cfg.export == "best":
         load_best_weights(policy, cfg.checkpoint_dir)
     last = metrics["final"]
+    policy = merge_lora(policy)
     publish(trainer, policy.lm, tok, cfg.out, resolved, cfg.metrics, metrics,
             f"ppo: held-out score {sft_eval['score']:.3f} (SFT) -> {last['score']:.3f}, KL {last['kl']:.2f} nats, "
             f"EOS rate {last['eos_rate']:.2f}, {module.iteration} iterations, "

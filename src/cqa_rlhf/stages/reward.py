@@ -14,7 +14,7 @@ from cqa_rlhf.batches import EvalBatchSampler, LengthGroupedBatchSampler, ListDa
 from cqa_rlhf.config import RewardConfig, RewardKindConfig
 from cqa_rlhf.data.tables import read_table
 from cqa_rlhf.errors import cli
-from cqa_rlhf.models import build_model
+from cqa_rlhf.models import build_model, merge_lora, num_layers
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.reward import KINDS, RewardKind, score, test_pair_metrics
 from cqa_rlhf.stages.common import Params, Shared, stage_parser
@@ -37,7 +37,7 @@ def fit(kind: RewardKind, module, trainer: L.Trainer, ckpt: Path | None, train_i
 def normalisation_stats(model, fmt: PromptFormatter, data: Path, cfg: RewardKindConfig) -> tuple[float, float]:
     """Mean and std of the model's scores on the SFT training answers; stored in the exported
     config, PPO normalises rewards as (score - mean) / std."""
-    rows = read_table(data / "train" / "sft").to_pylist()
+    rows = read_table(data / "train" / "sft").to_pylist()[: cfg.norm_answers]
     ref = score(model, fmt, [(r["question"], r["answer"]) for r in rows], cfg.max_length, cfg.score_batch_size)
     mean, std = statistics.fmean(ref), statistics.pstdev(ref)
     model.config.cqa_score_mean = round(mean, 6)
@@ -60,8 +60,9 @@ def run(name: str, cfg: RewardKindConfig, shared: Shared) -> dict:
 
     # 2. Model: the SFT policy's backbone (InstructGPT) or model.name/config, with a scalar head.
     init_from = cfg.sft_dir if cfg.init == "sft" else None
-    model = build_model(shared.model, tok, "reward", init_from=init_from)
-    freeze = apply_freeze(model, cfg.freeze, model.config.num_layers)
+    lora = shared.model.lora.applies("reward")
+    model = build_model(shared.model, tok, "reward", init_from=init_from, lora=lora)
+    freeze = apply_freeze(model, cfg.freeze, num_layers(model))
     test = read_table(data / "test" / "pairs").to_pylist()
     untrained = test_pair_metrics(model, fmt, test, cfg)["pairwise_accuracy"]
 
@@ -72,8 +73,9 @@ def run(name: str, cfg: RewardKindConfig, shared: Shared) -> dict:
     trainer, ckpt = prepare_run(shared.trainer_for(cfg.trainer), module, cfg.live_dir, cfg.checkpoint_dir, fp,
                                 f"reward@{name}")
     fit(kind, module, trainer, ckpt, train_items, val_items, cfg, tok.pad_token_id)
-    model = build_model(shared.model, tok, "reward", init_from=init_from)  # fresh, then the best weights
+    model = build_model(shared.model, tok, "reward", init_from=init_from, lora=lora)  # fresh, then the best weights
     load_best_weights(model, cfg.checkpoint_dir)
+    model = merge_lora(model)
 
     # 4. Held-out pairs, beside the length baseline; normalisation on the SFT training answers.
     metrics = {**test_pair_metrics(model, fmt, test, cfg), "untrained_pairwise_accuracy": untrained,

@@ -13,7 +13,7 @@ from cqa_rlhf.config import SFTConfig
 from cqa_rlhf.data.tables import read_table
 from cqa_rlhf.errors import cli
 from cqa_rlhf.generation import generate
-from cqa_rlhf.models import build_model
+from cqa_rlhf.models import build_model, merge_lora, num_layers
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.sft import SFTModule, encode_sft, eval_loader, evaluate_loss
 from cqa_rlhf.stages.common import Params, Shared, stage_args
@@ -52,8 +52,9 @@ def run(cfg: SFTConfig, shared: Shared) -> dict:
     val = eval_loader(val_items, cfg.eval_batch_size, tok.pad_token_id)
 
     # 2. Model, and the untrained model's perplexity on the same data for reference.
-    model = build_model(shared.model, tok, "causal")
-    freeze = apply_freeze(model, cfg.freeze, model.config.num_layers)
+    lora = shared.model.lora.applies("sft")
+    model = build_model(shared.model, tok, "causal", lora=lora)
+    freeze = apply_freeze(model, cfg.freeze, num_layers(model))
     untrained = evaluate_loss(model, val)
 
     # 3. Fit, resuming from last.ckpt only if it was made with these params and data. With W
@@ -70,9 +71,10 @@ def run(cfg: SFTConfig, shared: Shared) -> dict:
     val_share = eval_loader(val_items, cfg.eval_batch_size, tok.pad_token_id, trainer.global_rank, trainer.world_size)
     trainer.fit(module, train, val_share, ckpt_path=ckpt, weights_only=True)
 
-    # 4. Best checkpoint -> a fresh model -> exported model, metrics and a sample check.
-    model = build_model(shared.model, tok, "causal")
+    # 4. Best checkpoint -> a fresh model (LoRA merged) -> exported model, metrics, sample check.
+    model = build_model(shared.model, tok, "causal", lora=lora)
     best = load_best_weights(model, cfg.checkpoint_dir)
+    model = merge_lora(model)
     final = evaluate_loss(model, val)
     check = sample_check(model, fmt, val_rows, cfg)
     metrics = {
