@@ -7,7 +7,8 @@ one warm-up step, then the median of `--steps` timed steps (forward + backward +
 Variants: full fine-tuning; LoRA r=16 on every linear layer of every block; LoRA r=16 on the last
 4 blocks only (the gradient then stops at block 8: the backward pass skips the blocks below).
 
-Usage: python bench/bench_lora.py [--steps 3] [--variant NAME]   (no --variant: all, one process each)
+Usage: python bench/bench_lora.py [--steps 3] [--variant NAME] [--device cuda]
+(no --variant: all, one process each; on cuda in bf16 autocast, peak = torch.cuda.max_memory_allocated)
 CQA_NUMERICS (pinned by default, or free) applies as in the stages: the package is imported first.
 """
 
@@ -30,7 +31,7 @@ NEO_125M = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate
             "max_position_embeddings": 2048, "attention_types": [[["global", "local"], 6]], "window_size": 256}
 
 
-def run_variant(name: str, steps: int) -> dict:
+def run_variant(name: str, steps: int, device: str = "cpu") -> dict:
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
 
@@ -43,38 +44,46 @@ def run_variant(name: str, steps: int) -> dict:
     layers = VARIANTS[name]
     cfg = ModelConfig(config=NEO_125M, lora=LoraConfig(r=16, alpha=32.0, dropout=0.0, layers=layers or []))
     torch.manual_seed(0)
-    model = build_model(cfg, tok, "causal", lora=layers is not None).train()
+    model = build_model(cfg, tok, "causal", lora=layers is not None).train().to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
-    ids = torch.randint(3, 50257, (8, 256))
+    ids = torch.randint(3, 50257, (8, 256), device=device)
     times = []
     for step in range(steps + 1):
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
         if step:
             times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"variant": name, "trainable_params": sum(p.numel() for p in trainable),
             "total_params": sum(p.numel() for p in model.parameters()),
             "step_s_median": round(statistics.median(times), 2), "step_s": [round(t, 2) for t in times],
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "device": device, "peak_mb": round(peak)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--variant", choices=sorted(VARIANTS))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.steps)))
+        print(json.dumps(run_variant(args.variant, args.steps, args.device)))
         return
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     print(f"# {time.strftime('%Y-%m-%d')} {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"numerics {cqa_rlhf.numerics.state()['mode']}")
     for name in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, "--variant", name, "--steps", str(args.steps)],
+        out = subprocess.run([sys.executable, __file__, "--variant", name, "--steps", str(args.steps),
+                              "--device", args.device],
                              capture_output=True, text=True, check=True).stdout
         print(out.strip().splitlines()[-1], flush=True)
 

