@@ -154,9 +154,15 @@ def test_freeze_options_leave_exactly_the_intended_params(tok):
                         ("k_proj.weight", "v_proj.weight", "q_proj.weight", "out_proj.weight", "out_proj.bias"))}
     assert "transformer.h.1.attn.attention.q_proj.weight" in trainable  # layer -1 kept trainable
     assert "transformer.h.0.mlp.c_fc.weight" in trainable and "transformer.ln_f.weight" in trainable
+    first = frozen
+    # Another config on a fresh model freezes exactly its own categories ...
+    fresh = build_model(ModelConfig(config=TINY_MODEL), tok, "causal")
+    apply_freeze(fresh, FreezeConfig(freeze_ln=True, freeze_ff=True), 2)
+    frozen = {n for n, p in fresh.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in fresh.named_parameters() if ".ln_" in n or ".mlp." in n}
+    # ... and on top of the first it never unfreezes (LoRA's frozen base weights stay frozen).
     apply_freeze(model, FreezeConfig(freeze_ln=True, freeze_ff=True), 2)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert frozen == {n for n, _ in model.named_parameters() if ".ln_" in n or ".mlp." in n}
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == first | frozen
     rm = build_model(ModelConfig(config=TINY_MODEL), tok, "reward")
     apply_freeze(rm, FreezeConfig(freeze_other=True), 2)
     assert {n for n, p in rm.named_parameters() if not p.requires_grad} == {"score.weight"}
