@@ -124,3 +124,26 @@ def rlhf_inputs(prepared_session, tmp_path_factory) -> Path:
         assert proc.returncode == 0, proc.stderr
     return work
 
+
+@pytest.fixture(scope="session")
+def whole_answers(tmp_path_factory) -> Path:
+    """A tiny site whose tokenizer covers the synthetic language (900 tokens: about a word a
+    token), so most prompts + answers fit in the tiny models' 96 tokens with their EOS. The
+    SFT policy learns to stop, and the reward model learns to judge finished answers, as on
+    the default data. (With the shared 400-token tokenizer almost every answer is cut at 96
+    tokens: the reward model never sees an EOS, and scored on the exact sampled ids it gives
+    every unfinished answer the same score.)"""
+    from helpers import tiny_params
+
+    work = tmp_path_factory.mktemp("whole")
+    params = tiny_params(work, max_steps=60)
+    params["tokenizer"]["vocab_size"] = 900
+    params["reward"] = {"classification": {
+        "data": str(work / "prepared"), "sft_dir": str(work / "sft"), "out": str(work / "rm"),
+        "metrics": str(work / "rm.json"), "live_dir": str(work / "rm_live"), "checkpoint_dir": str(work / "rm_ckpt"),
+        "batch_size": 16, "max_length": 96, "max_epochs": -1, "max_steps": 40, "val_check_interval": 20,
+        "optim": {"lr": 3e-3}}}
+    for stage, args in (("synth", ()), ("data", ()), ("tokenizer", ()), ("sft", ()), ("reward", ("--kind", "classification"))):
+        proc = run_stage(stage, params, work, args=args)
+        assert proc.returncode == 0, proc.stderr
+    return work

@@ -254,3 +254,53 @@ def test_lora_sft_on_two_processes_matches_one(tmp_path, prepared):
     _close(one, two, rel=1e-5)
     assert one["val_perplexity"] < one["untrained_val_perplexity"]
     assert _max_weight_diff(tmp_path / "d1/model/model.safetensors", tmp_path / "d2/model/model.safetensors") < 1e-5
+
+
+def test_dpo_on_two_processes_matches_one(tmp_path, prepared, rlhf_inputs):
+    """The same global batches of pairs; each rank computes the reference log-probs of its own
+    shares, and the loss is the mean over the global batch's pairs."""
+    rows = read_table(prepared / "prepared" / "train" / "pairs").num_rows
+    assert rows % 8 not in (1,), rows
+    for devices, batch in ((1, 8), (2, 4)):
+        work = tmp_path / f"d{devices}"
+        params = tiny_params(prepared)
+        params["dpo"] = _outs(work, {
+            "data": str(prepared / "prepared"), "sft_dir": str(rlhf_inputs / "sft"), "batch_size": batch,
+            "eval_batch_size": 16, "score_batch_size": 16, "max_length": 96, "max_epochs": -1, "max_steps": 12,
+            "val_check_interval": 6, "optim": {"lr": 2e-3, "weight_decay": 0.0}})
+        _run("dpo", params, work, devices)
+    one, two = (json.loads((tmp_path / f"d{d}" / "metrics.json").read_text()) for d in (1, 2))
+    _close(one, two, rel=1e-5)
+    sft_weights = rlhf_inputs / "sft" / "model.safetensors"
+    assert _max_weight_diff(sft_weights, tmp_path / "d1/model/model.safetensors") > 1e-3  # it trained
+    assert _max_weight_diff(tmp_path / "d1/model/model.safetensors", tmp_path / "d2/model/model.safetensors") < 1e-5
+    assert _files(tmp_path / "d1") == _files(tmp_path / "d2")
+
+
+def test_grpo_on_two_processes_matches_one(tmp_path, prepared, rlhf_inputs):
+    """Each answer is drawn from its own seed (iteration, question, index), so both runs roll out
+    the same answers; groups live on one rank, losses are token means over the global minibatch."""
+    lr = 2e-3
+    for devices, batch in ((1, 4), (2, 2)):
+        work = tmp_path / f"d{devices}"
+        params = tiny_params(prepared)
+        params["grpo"] = _outs(work, {
+            "data": str(prepared / "prepared"), "sft_dir": str(rlhf_inputs / "sft"),
+            "reward_model": str(rlhf_inputs / "rm"), "iterations": 4, "rollout_batch_size": batch, "num_generations": 4,
+            "mini_batch_size": 4 * batch, "micro_batch_size": 4, "grpo_epochs": 2,
+            "optim": {"lr": lr, "weight_decay": 0.0, "warmup_frac": 0.0}, "max_prompt_length": 48, "max_length": 96,
+            "sample": {"max_new_tokens": 16, "batch_size": 16}, "eval_every": 2, "eval_prompts": 16, "samples_every": 2,
+            "trainer": {"log_every_n_steps": 1}})
+        _run("grpo", params, work, devices)
+    one, two = (json.loads((tmp_path / f"d{d}" / "metrics.json").read_text()) for d in (1, 2))
+    sft_weights = rlhf_inputs / "sft" / "model.safetensors"
+    assert _max_weight_diff(sft_weights, tmp_path / "d1/model/model.safetensors") > lr
+    assert abs(one["final"]["kl"]) > 0.05
+    _close(one, two, rel=1e-3)
+    assert _max_weight_diff(tmp_path / "d1/model/model.safetensors", tmp_path / "d2/model/model.safetensors") < 0.05 * lr
+    for d in ("d1", "d2"):  # the same rollouts: the per-iteration reward curves agree
+        assert (tmp_path / d / "live/plots/metrics/reward.tsv").is_file()
+    r1, r2 = ([float(x.split("\t")[1]) for x in (tmp_path / d / "live/plots/metrics/reward.tsv").read_text().splitlines()[1:]]
+              for d in ("d1", "d2"))
+    assert r1 == pytest.approx(r2, rel=1e-4)
+    assert _files(tmp_path / "d1") == _files(tmp_path / "d2")

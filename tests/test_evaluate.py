@@ -38,8 +38,9 @@ def evaluated(prepared_session, rlhf_inputs, tmp_path_factory) -> tuple[Path, di
         "reward_models": {"classification": str(rlhf_inputs / "rm")}, "out": str(work / "eval"),
         "metrics_dir": str(work / "metrics"), "max_prompt_length": 48, "max_length": 96,
         "sample": {"max_new_tokens": 24, "batch_size": 16}}
-    params["compare"] = {"baseline": "base", "candidate": "sft", "metrics": str(work / "metrics" / "compare.json"),
-                         "plot": str(work / "metrics" / "compare.csv")}
+    params["compare"] = {"baseline": "base", "methods": {"sft": "sft"}, "metrics": str(work / "metrics" / "compare.json"),
+                         "plot": str(work / "metrics" / "compare.csv"), "table": str(work / "metrics" / "leaderboard.md")}
+    params["sft"]["live_dir"] = str(rlhf_inputs / "sft_live")  # the SFT stage's wall time is there
     for stage, args in (("base", ()), ("evaluate", ("--policy", "base")), ("evaluate", ("--policy", "sft")),
                         ("compare", ())):
         proc = run_stage(stage, params, work, args=args)
@@ -63,17 +64,30 @@ def test_evaluate_writes_metrics_and_a_generations_table(evaluated):
     assert (pd.read_parquet(work / "eval" / "base" / "generations.parquet")["question"] == table["question"]).all()
 
 
-def test_compare_reports_win_rates_by_judge(evaluated):
-    work, _ = evaluated
-    c = json.loads((work / "metrics" / "compare.json").read_text())["sft_vs_base"]
+def test_compare_is_a_leaderboard_with_win_rates_by_judge(evaluated):
+    work, params = evaluated
+    board = json.loads((work / "metrics" / "compare.json").read_text())
+    c = board["sft_vs_base"]
     assert set(c["win_rate"]) == set(c["win_rate_ci95"]) == set(c["score_diff_ci95"]) == {"classification", "gold"}
-    assert c["win_rate"]["gold"] > 0.5 and c["bootstrap_resamples"] == 10_000
+    assert c["win_rate"]["gold"] > 0.5 and board["bootstrap_resamples"] == 10_000 and board["baseline"] == "base"
+    eval_sft = json.loads((work / "metrics" / "eval_sft.json").read_text())
+    own = board["policies"]["sft"]  # each policy's own figures, the evaluation's
+    assert (own["eos_rate"], own["mean_tokens"], own["gold"]) == (eval_sft["eos_rate"], eval_sft["mean_tokens"], eval_sft["gold"])
+    assert own["kl_to_reference"] == pytest.approx(eval_sft["kl_to_reference"], abs=1e-6)
+    table = (work / "metrics" / "leaderboard.md").read_text().splitlines()
+    seconds = json.loads((Path(params["sft"]["live_dir"]) / "timing.json").read_text())["wall_seconds"]
+    assert table[0].startswith("| policy | win vs base: gold [95% CI] | win vs base: classification [95% CI] |")
+    assert table[2].startswith("| base | baseline | baseline |") and table[2].endswith("| — |")  # no stage trained it
+    sft_row = table[3].split(" | ")
+    assert sft_row[0] == "| sft" and sft_row[1].startswith(f"{c['win_rate']['gold']:.3f} [")
+    assert sft_row[-1] == f"{seconds:.0f} |"  # the wall time of the stage that trained it
     for judge, rate in c["win_rate"].items():  # each figure inside its paired-bootstrap interval
         assert c["win_rate_ci95"][judge]["low"] <= rate <= c["win_rate_ci95"][judge]["high"]
         assert c["score_diff_ci95"][judge]["low"] <= c["score_diff"][judge] <= c["score_diff_ci95"][judge]["high"]
         assert 0.0 <= c["win_rate_ci95"][judge]["low"] and c["win_rate_ci95"][judge]["high"] <= 1.0
     plot = pd.read_csv(work / "metrics" / "compare.csv")
-    assert list(plot.columns) == ["judge", "win_rate", "ci_low", "ci_high"] and set(plot["judge"]) == {"classification", "gold"}
+    assert list(plot.columns) == ["comparison", "win_rate", "ci_low", "ci_high"]
+    assert set(plot["comparison"]) == {"sft: classification", "sft: gold"}
     assert (plot["ci_low"] <= plot["win_rate"]).all() and (plot["win_rate"] <= plot["ci_high"]).all()
 
 
@@ -136,8 +150,8 @@ def test_stage_run_in_process_returns_what_the_stage_writes(evaluated, tmp_path)
 
     work, params = evaluated
     cfg = CompareConfig.model_validate({**params["compare"], "metrics": str(tmp_path / "c.json"),
-                                        "plot": str(tmp_path / "c.csv")})
-    metrics = compare.run(cfg, EvaluateConfig.model_validate(params["evaluate"]))
+                                        "plot": str(tmp_path / "c.csv"), "table": str(tmp_path / "c.md")})
+    metrics = compare.run(cfg, EvaluateConfig.model_validate(params["evaluate"]), {"sft": params["sft"]["live_dir"]})
     assert metrics == json.loads((work / "metrics" / "compare.json").read_text())
     assert (tmp_path / "c.json").read_text() == (work / "metrics" / "compare.json").read_text()
     assert (tmp_path / "c.csv").read_text() == (work / "metrics" / "compare.csv").read_text()

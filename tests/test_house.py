@@ -43,7 +43,7 @@ def test_console_script_help(argv):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: cqa-rlhf"), proc.stdout[:200]
     if argv == ["--help"]:
-        assert all(f"  {c} " in proc.stdout for c in ("sft", "reward", "ppo", "evaluate", "answer", "presets"))
+        assert all(f"  {c} " in proc.stdout for c in ("sft", "reward", "ppo", "dpo", "grpo", "evaluate", "answer", "presets"))
     if argv[0] == "reward":
         assert "--kind" in proc.stdout
 

@@ -195,7 +195,7 @@ def test_ppo_reference_under_lora_is_the_sft_model_with_no_second_copy(tmp_path,
     tok.save_pretrained(tmp_path / "sft")
     cfg = ModelConfig(config=TINY_MODEL, lora=LoraConfig(**LORA))
     policy = build_policy(cfg, tok, tmp_path / "sft", "shared", tmp_path / "unused", lora=True)
-    ref = reference_for(policy, tmp_path / "sft", tok, "float32")
+    ref = reference_for(policy.lm, tmp_path / "sft", tok, "float32")
     assert sum(p.numel() for p in ref.parameters()) == 0  # the policy's own weights, adapters off
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     frozen = load_frozen(tmp_path / "sft", tok, "causal")
@@ -209,7 +209,7 @@ def test_ppo_reference_under_lora_is_the_sft_model_with_no_second_copy(tmp_path,
         torch.testing.assert_close(ref(input_ids=ids).logits, expected, rtol=0, atol=0)
         assert not any(p.requires_grad for p in ref.parameters())
     without = reference_for(build_policy(ModelConfig(config=TINY_MODEL), tok, tmp_path / "sft", "shared",
-                                         tmp_path / "unused"), tmp_path / "sft", tok, "float32")
+                                         tmp_path / "unused").lm, tmp_path / "sft", tok, "float32")
     assert sum(p.numel() for p in without.parameters()) > 0  # without LoRA: a loaded frozen copy
 
 

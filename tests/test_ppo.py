@@ -16,7 +16,8 @@ from cqa_rlhf.batches import ListDataset, PromptCollator
 from cqa_rlhf.config import ModelConfig, PPOConfig, PromptConfig, SampleConfig, TrainerConfig
 from cqa_rlhf.generation import generate
 from cqa_rlhf.models import build_model, build_policy, load_frozen
-from cqa_rlhf.ppo import DivergedError, PPOModule
+from cqa_rlhf.online import DivergedError
+from cqa_rlhf.ppo import PPOModule
 from cqa_rlhf.rollout import RolloutEngine, build_sequences, policy_outputs, sequence_logprobs
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.tokenizer import load_tokenizer
@@ -92,28 +93,6 @@ def _ppo_params(prepared: Path, inputs: Path, out: Path, **ppo) -> dict:
     return params
 
 
-@pytest.fixture(scope="module")
-def whole_answers(tmp_path_factory) -> Path:
-    """A tiny site whose tokenizer covers the synthetic language (900 tokens: about a word a
-    token), so most prompts + answers fit in the tiny models' 96 tokens with their EOS. The
-    SFT policy learns to stop, and the reward model learns to judge finished answers, as on
-    the default data. (With the shared 400-token tokenizer almost every answer is cut at 96
-    tokens: the reward model never sees an EOS, and scored on the exact sampled ids it gives
-    every unfinished answer the same score.)"""
-    work = tmp_path_factory.mktemp("whole")
-    params = tiny_params(work, max_steps=60)
-    params["tokenizer"]["vocab_size"] = 900
-    params["reward"] = {"classification": {
-        "data": str(work / "prepared"), "sft_dir": str(work / "sft"), "out": str(work / "rm"),
-        "metrics": str(work / "rm.json"), "live_dir": str(work / "rm_live"), "checkpoint_dir": str(work / "rm_ckpt"),
-        "batch_size": 16, "max_length": 96, "max_epochs": -1, "max_steps": 40, "val_check_interval": 20,
-        "optim": {"lr": 3e-3}}}
-    for stage, args in (("synth", ()), ("data", ()), ("tokenizer", ()), ("sft", ()), ("reward", ("--kind", "classification"))):
-        proc = run_stage(stage, params, work, args=args)
-        assert proc.returncode == 0, proc.stderr
-    return work
-
-
 def test_tiny_ppo_raises_the_reward_and_exports_a_causal_lm(tmp_path, whole_answers):
     params = _ppo_params(whole_answers, whole_answers, tmp_path, sample={"max_new_tokens": 48, "batch_size": 16})
     proc = run_stage("ppo", params, tmp_path)
@@ -174,7 +153,7 @@ def test_killed_ppo_resumes_and_matches_an_uninterrupted_run(tmp_path, prepared,
     assert not (cut / "ppo.json").exists(), "the run finished before it could be interrupted"
     saved = torch.load(cut / "ckpt" / "last.ckpt", weights_only=True)
     logged = len(kl_curve.read_text().splitlines()) - 1
-    assert 2 <= saved["cqa_ppo"]["iteration"] < logged < 6, (saved["cqa_ppo"]["iteration"], logged)
+    assert 2 <= saved["cqa_online"]["iteration"] < logged < 6, (saved["cqa_online"]["iteration"], logged)
 
     resumed = run_stage("ppo", params, cut)
     assert resumed.returncode == 0, resumed.stderr
@@ -247,7 +226,7 @@ def test_divergence_mid_run_keeps_the_last_good_checkpoint(tmp_path, prepared, r
     with pytest.raises(DivergedError, match=r"iteration 3: scores is not finite"):
         fit(4, last, rm)
     assert last.read_bytes() == before
-    assert torch.load(last, weights_only=True)["cqa_ppo"]["iteration"] == 2
+    assert torch.load(last, weights_only=True)["cqa_online"]["iteration"] == 2
 
 
 def test_reward_model_scores_exactly_the_sampled_ids(prepared, rlhf_inputs, tok):

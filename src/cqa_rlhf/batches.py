@@ -64,6 +64,32 @@ class CausalLMCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+class PairCollator:
+    """Preference pairs, chosen and rejected in one batch (one forward): ``input_ids`` /
+    ``attention_mask`` [2B, T] right-padded, chosen rows first, then rejected; ``labels`` [2B, T]
+    (IGNORE_INDEX on prompt and padding) when the items carry them (DPO); and every per-pair
+    number the items carry (``margin``; DPO's reference log-probs) as a [B] tensor."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad = pad_token_id
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        ids, mask = pad_rows([x["chosen"] for x in items] + [x["rejected"] for x in items], self.pad)
+        out = {"input_ids": ids, "attention_mask": mask}
+        if "chosen_labels" in items[0]:
+            out["labels"] = pad_rows([x["chosen_labels"] for x in items] + [x["rejected_labels"] for x in items],
+                                     IGNORE_INDEX)[0]
+        for key, value in items[0].items():
+            if isinstance(value, float):
+                out[key] = torch.tensor([x[key] for x in items], dtype=torch.float32)
+        return out
+
+
+def pair_lengths(items: list[dict]) -> list[int]:
+    """A pair's length for length-grouped batches: its longer answer's sequence."""
+    return [max(len(x["chosen"]), len(x["rejected"])) for x in items]
+
+
 class PromptCollator:
     """Prompts for rollouts: ``{"questions": [B]}``; the generator encodes and left-pads them."""
 
@@ -116,6 +142,15 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._batches())
+
+    def batches_of(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch`` (what iterating yields in that epoch from its start)."""
+        current = self.epoch
+        self.epoch = epoch
+        try:
+            return self._batches()
+        finally:
+            self.epoch = current
 
 
 class EvalBatchSampler(Sampler[list[int]]):

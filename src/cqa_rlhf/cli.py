@@ -23,9 +23,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("cqa_rlhf.stages.sft", "stage: supervised fine-tuning of the policy"),
     "reward": ("cqa_rlhf.stages.reward", "stage: a reward model (--kind regression|classification)"),
     "ppo": ("cqa_rlhf.stages.ppo", "stage: PPO of the SFT policy against a reward model"),
+    "dpo": ("cqa_rlhf.stages.dpo", "stage: DPO (IPO, conservative DPO) of the SFT policy on preference pairs"),
+    "grpo": ("cqa_rlhf.stages.grpo", "stage: GRPO (Dr. GRPO, RLOO) of the SFT policy against a reward model"),
     "base": ("cqa_rlhf.stages.base", "stage: export the untrained base policy"),
     "evaluate": ("cqa_rlhf.stages.evaluate", "stage: answer and score the test questions (--policy NAME)"),
-    "compare": ("cqa_rlhf.stages.compare", "stage: win rates of one policy over another"),
+    "compare": ("cqa_rlhf.stages.compare", "stage: the leaderboard: every policy against the baseline"),
     "answer": ("cqa_rlhf.answer", "answer a question with an exported policy"),
     "presets": ("cqa_rlhf.presets", "check a preset and print it as `dvc exp run -S` flags"),
 }

@@ -192,7 +192,7 @@ def load_section(path: str | Path, section: str, model: type[C]) -> C:
 # The sections whose ``seed`` is the top-level ``seed``: every training and sampling stage. The
 # data stages keep their own (synth.seed, data.split_seed): runs under different seeds are then
 # judged on the same held-out questions.
-SEEDED = ("sft", "reward.regression", "reward.classification", "ppo", "base", "evaluate")
+SEEDED = ("sft", "reward.regression", "reward.classification", "ppo", "dpo", "grpo", "base", "evaluate")
 
 
 def seeded(data: dict, path: str | Path = "params.yaml") -> dict:
@@ -234,7 +234,7 @@ class PromptConfig(Section):
         return self
 
 
-LoraStage = Literal["sft", "reward", "ppo"]
+LoraStage = Literal["sft", "reward", "ppo", "dpo", "grpo"]
 
 
 class LoraConfig(Section):
@@ -245,7 +245,7 @@ class LoraConfig(Section):
     alpha: float = Field(16.0, gt=0.0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"  # peft's name for every linear layer but the head
-    stages: list[LoraStage] = Field(default_factory=lambda: ["sft", "reward", "ppo"])
+    stages: list[LoraStage] = Field(default_factory=lambda: ["sft", "reward", "ppo", "dpo", "grpo"])
     # blocks that get adapters (negative: from the end); empty: every block. Gradients then stop
     # at the lowest adapted block, so the backward pass skips the blocks below it.
     layers: list[int] = Field(default_factory=list)
@@ -477,35 +477,28 @@ class KLConfig(Section):
     horizon: int = Field(10000, ge=1)
 
 
-class PPOConfig(Section):
-    """PPO: rollouts of ``rollout_batch_size`` prompts a process per iteration, then
-    ``ppo_epochs`` passes over shuffled minibatches of ``mini_batch_size`` rollouts, each an
-    optimizer step over micro-batches of ``micro_batch_size`` (gradient accumulation)."""
+class OnlineRLConfig(Section):
+    """What every online-RL stage (PPO, GRPO) shares: prompts, the SFT policy and reward model it
+    starts from, rollouts of ``rollout_batch_size`` prompts a process per iteration, minibatch
+    updates (``mini_batch_size`` answers an optimizer step, accumulated over micro-batches of
+    ``micro_batch_size``), score shaping, the held-out evaluation and the export."""
 
     data: str = "data/prepared"  # prompts: <data>/train/prompts; held-out: <data>/val/prompts
     sft_dir: str = "models/sft"  # the initial policy and the frozen reference
     reward_model: str = "models/reward/classification"  # an exported reward model directory
-    out: str = "models/ppo"
-    metrics: str = "metrics/ppo.json"
-    live_dir: str = "dvclive/ppo"
-    checkpoint_dir: str = "checkpoints/ppo"
+    out: str = "models/online"
+    metrics: str = "metrics/online.json"
+    live_dir: str = "dvclive/online"
+    checkpoint_dir: str = "checkpoints/online"
     seed: int = 0
     iterations: int = Field(60, ge=1)
-    rollout_batch_size: int = Field(64, ge=1)
-    mini_batch_size: int = Field(64, ge=1)
-    micro_batch_size: int = Field(64, ge=1)
-    ppo_epochs: int = Field(4, ge=1)
+    rollout_batch_size: int = Field(64, ge=1)  # prompts per iteration and process
+    mini_batch_size: int = Field(64, ge=1)  # answers per optimizer step
+    micro_batch_size: int = Field(64, ge=1)  # answers per forward/backward
     optim: OptimConfig = OptimConfig(lr=1e-5, weight_decay=0.0, warmup_frac=0.0)
     max_prompt_length: int = Field(128, ge=8)  # the question is cut from its end to fit
     max_length: int = Field(256, ge=8)  # the reward model's input: sampled prompt + answer ids fit in it
     sample: SampleConfig = SampleConfig(max_new_tokens=96)
-    critic: Literal["shared", "separate"] = "shared"  # value head on the policy, or a critic from the RM
-    kl: KLConfig = KLConfig()
-    gamma: float = Field(1.0, ge=0.0, le=1.0)
-    lam: float = Field(0.95, ge=0.0, le=1.0)
-    cliprange: float = Field(0.2, gt=0.0)
-    cliprange_value: float = Field(0.2, gt=0.0)
-    vf_coef: float = Field(0.1, ge=0.0)
     score_clip: float | None = Field(None, gt=0.0)  # clip normalised scores to +-this; null: off
     missing_eos_penalty: float | None = Field(None, ge=0.0)  # subtracted from scores without EOS
     eval_every: int = Field(10, ge=1)  # iterations between held-out evaluations and checkpoints
@@ -515,10 +508,25 @@ class PPOConfig(Section):
     freeze: FreezeConfig = FreezeConfig()
     trainer: TrainerOverride = TrainerOverride()
 
+    @property
+    def answers_per_iteration(self) -> int:
+        """Answers sampled per iteration and process."""
+        return self.rollout_batch_size
+
+    @property
+    def epochs(self) -> int:
+        """Passes over each rollout batch."""
+        raise NotImplementedError
+
+    @property
+    def updates_per_iteration(self) -> int:
+        return self.epochs * self.answers_per_iteration // self.mini_batch_size
+
     @model_validator(mode="after")
-    def _batch_shapes(self) -> PPOConfig:
-        if self.rollout_batch_size % self.mini_batch_size:
-            raise ValueError("rollout_batch_size must be a multiple of mini_batch_size")
+    def _batch_shapes(self) -> OnlineRLConfig:
+        if self.answers_per_iteration % self.mini_batch_size:
+            raise ValueError("the answers of an iteration (rollout_batch_size, x num_generations for GRPO) "
+                             "must be a multiple of mini_batch_size")
         if self.mini_batch_size % self.micro_batch_size:
             raise ValueError("mini_batch_size must be a multiple of micro_batch_size")
         if self.max_prompt_length + self.sample.max_new_tokens > self.max_length:
@@ -526,9 +534,84 @@ class PPOConfig(Section):
                              "(the reward model scores the sampled prompt and answer ids whole)")
         return self
 
+
+class PPOConfig(OnlineRLConfig):
+    """PPO: rollouts of ``rollout_batch_size`` prompts a process per iteration, then
+    ``ppo_epochs`` passes over shuffled minibatches of ``mini_batch_size`` rollouts, each an
+    optimizer step over micro-batches of ``micro_batch_size`` (gradient accumulation)."""
+
+    out: str = "models/ppo"
+    metrics: str = "metrics/ppo.json"
+    live_dir: str = "dvclive/ppo"
+    checkpoint_dir: str = "checkpoints/ppo"
+    ppo_epochs: int = Field(4, ge=1)
+    critic: Literal["shared", "separate"] = "shared"  # value head on the policy, or a critic from the RM
+    kl: KLConfig = KLConfig()
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    cliprange: float = Field(0.2, gt=0.0)
+    cliprange_value: float = Field(0.2, gt=0.0)
+    vf_coef: float = Field(0.1, ge=0.0)
+
     @property
-    def updates_per_iteration(self) -> int:
-        return self.ppo_epochs * self.rollout_batch_size // self.mini_batch_size
+    def epochs(self) -> int:
+        return self.ppo_epochs
+
+
+class GRPOConfig(OnlineRLConfig):
+    """GRPO and its relatives (shared/docs/dpo-grpo-details.md): ``num_generations`` answers to
+    each of ``rollout_batch_size`` prompts, group-relative advantages, the clipped ratio
+    objective with ``beta`` x k3 KL to the reference in the loss, token-level aggregation (every
+    answer token of a minibatch weighs the same: DAPO's, not the per-answer mean)."""
+
+    out: str = "models/grpo"
+    metrics: str = "metrics/grpo.json"
+    live_dir: str = "dvclive/grpo"
+    checkpoint_dir: str = "checkpoints/grpo"
+    num_generations: int = Field(8, ge=2)  # answers per prompt (a group)
+    grpo_epochs: int = Field(1, ge=1)  # passes over each rollout batch (TRL: num_iterations)
+    advantage: Literal["grpo", "rloo"] = "grpo"  # baseline: group mean, or leave-one-out mean
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # none: Dr. GRPO
+    beta: float = Field(0.04, ge=0.0)  # k3 KL coefficient in the loss (0: KL only logged)
+    epsilon: float = Field(0.2, gt=0.0)  # lower clip: ratio >= 1 - epsilon
+    epsilon_high: float | None = Field(None, gt=0.0)  # upper clip (DAPO's clip-higher: 0.28); null: epsilon
+    mask_truncated_completions: bool = False  # answers without EOS carry no loss (DAPO)
+
+    @property
+    def answers_per_iteration(self) -> int:
+        return self.rollout_batch_size * self.num_generations
+
+    @property
+    def epochs(self) -> int:
+        return self.grpo_epochs
+
+
+# --------------------------------------------------------------------------------------------
+# dpo: offline preference optimisation on the pairs tables
+# --------------------------------------------------------------------------------------------
+class DPOConfig(TrainConfig):
+    """DPO (``loss: sigmoid``), IPO (``ipo``) or conservative DPO (``label_smoothing`` > 0) on
+    the ``pairs`` tables, from the SFT policy with the frozen SFT policy as reference (its
+    log-probs computed once, before the fit). Batches count pairs."""
+
+    data: str = "data/prepared"
+    sft_dir: str = "models/sft"
+    out: str = "models/dpo"
+    metrics: str = "metrics/dpo.json"
+    live_dir: str = "dvclive/dpo"
+    checkpoint_dir: str = "checkpoints/dpo"
+    beta: float = Field(0.1, gt=0.0)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # cDPO: preferences flipped with this probability
+    score_batch_size: int = Field(64, ge=1)  # pairs per no-grad forward (reference, test)
+    monitor: str = "val_accuracy"  # the best checkpoint by validation preference accuracy
+    monitor_mode: Literal["min", "max"] = "max"
+
+    @model_validator(mode="after")
+    def _smoothing_is_dpo(self) -> DPOConfig:
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError("label_smoothing applies to loss: sigmoid only")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,8 +631,8 @@ class EvaluateConfig(Section):
     answers, length, EOS rate, and KL to ``reference`` on the policy's own samples."""
 
     data: str = "data/prepared"  # questions and reference answers: <data>/test/sft
-    policies: dict[str, str] = Field(default_factory=lambda: {"base": "models/base", "sft": "models/sft",
-                                                              "ppo": "models/ppo"})
+    policies: dict[str, str] = Field(default_factory=lambda: {
+        "base": "models/base", "sft": "models/sft", "ppo": "models/ppo", "dpo": "models/dpo", "grpo": "models/grpo"})
     reference: str = "models/sft"
     reward_models: dict[str, str] = Field(default_factory=lambda: {
         "regression": "models/reward/regression", "classification": "models/reward/classification"})
@@ -572,12 +655,16 @@ class EvaluateConfig(Section):
 
 
 class CompareConfig(Section):
-    """Win rates of ``candidate`` over ``baseline`` on the same questions, by every judge."""
+    """The leaderboard: every evaluated policy against ``baseline`` on the same questions, by
+    every judge (win rate and mean paired score difference, 95% paired-bootstrap intervals), with
+    each policy's KL to the reference, length, EOS rate, and the wall time of the stage that
+    trained it (``methods``: policy -> its stage's section in params.yaml)."""
 
     baseline: str = "sft"
-    candidate: str = "ppo"
+    methods: dict[str, str] = Field(default_factory=lambda: {"sft": "sft", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"})
     metrics: str = "metrics/compare.json"
     plot: str = "metrics/compare_win_rate.csv"
+    table: str = "metrics/leaderboard.md"  # with wall times: a plain output, not a metric
 
 
 # Every section of params.yaml and its typed config (presets are checked against all of them);
@@ -585,7 +672,7 @@ class CompareConfig(Section):
 SECTIONS: dict[str, type[Section]] = {
     "synth": SynthConfig, "data": DataConfig, "prompt": PromptConfig, "model": ModelConfig,
     "tokenizer": TokenizerConfig, "trainer": TrainerConfig, "sft": SFTConfig, "reward": RewardConfig,
-    "ppo": PPOConfig, "base": BaseConfig, "evaluate": EvaluateConfig, "compare": CompareConfig,
+    "ppo": PPOConfig, "dpo": DPOConfig, "grpo": GRPOConfig, "base": BaseConfig, "evaluate": EvaluateConfig, "compare": CompareConfig,
 }
 TOP_LEVEL = ("seed", "pretrained_dir")  # scalar params outside any section
 OPEN_SECTIONS: dict[str, type[Section]] = {"gguf": GGUFConfig}  # entries named by the user, each of this type

@@ -277,13 +277,13 @@ def build_policy(model: ModelConfig, tokenizer: PreTrainedTokenizerBase, sft_dir
     return disable_dropout(PolicyWithCritic(lm, TokenCritic(rm)))
 
 
-def reference_for(policy: nn.Module, sft_dir: str | Path, tokenizer: PreTrainedTokenizerBase,
+def reference_for(policy_lm: nn.Module, sft_dir: str | Path, tokenizer: PreTrainedTokenizerBase,
                   dtype: str) -> nn.Module:
-    """PPO's frozen reference: the policy's base with its adapters off under LoRA (the policy
-    starts from ``sft_dir`` with zero adapters, so that base is the SFT model), else a loaded copy."""
-    lm = policy.lm
-    if is_lora(lm):
-        return AdapterFreeReference(lm)
+    """The frozen reference of online RL: the policy's base with its adapters off under LoRA (the
+    policy starts from ``sft_dir`` with zero adapters, so that base is the SFT model), else a
+    loaded copy of ``sft_dir``."""
+    if is_lora(policy_lm):
+        return AdapterFreeReference(policy_lm)
     return load_frozen(sft_dir, tokenizer, "causal", dtype)
 
 

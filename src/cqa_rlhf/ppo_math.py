@@ -138,19 +138,28 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 # Losses
 # --------------------------------------------------------------------------------------------
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                cliprange: float, cliprange_high: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, as a loss to minimise: mean over tokens of
-    max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)). Stats: clipfrac (share of tokens where
-    the clipped branch is taken), approxkl = 0.5 * mean((logp - old_logp)^2) [TRL], ratio."""
+    max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high)), eps_high = ``cliprange_high`` or eps
+    (DAPO's clip-higher sets it above eps). Stats: clipfrac (share of tokens where the clipped
+    branch is taken), approxkl = 0.5 * mean((logp - old_logp)^2) [TRL], ratio, and TRL's GRPO
+    clip regions: clip_low (ratio < 1 - eps with A < 0), clip_high (ratio > 1 + eps_high with
+    A > 0), clip_region (either)."""
+    high = cliprange if cliprange_high is None else cliprange_high
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
+        low_region = (ratio < 1.0 - cliprange) & (advantages < 0)
+        high_region = (ratio > 1.0 + high) & (advantages > 0)
         stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
                  "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
-                 "ratio": masked_mean(ratio, mask)}
+                 "ratio": masked_mean(ratio, mask),
+                 "clip_low": masked_mean(low_region.float(), mask),
+                 "clip_high": masked_mean(high_region.float(), mask),
+                 "clip_region": masked_mean((low_region | high_region).float(), mask)}
     return loss, stats
 
 

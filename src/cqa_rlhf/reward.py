@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cqa_rlhf.batches import pad_rows, position_ids
+from cqa_rlhf.batches import PairCollator, pad_rows, pair_lengths, position_ids
 from cqa_rlhf.config import PromptConfig, RegressionConfig, RewardKindConfig
 from cqa_rlhf.errors import ConfigError
 from cqa_rlhf.losses import center_penalty, pairwise_loss, regression_loss
@@ -106,23 +106,6 @@ class ScoredCollator:
         ids, mask = pad_rows([x["input_ids"] for x in items], self.pad)
         return {"input_ids": ids, "attention_mask": mask,
                 "target": torch.tensor([x["target"] for x in items], dtype=torch.float32)}
-
-
-class PairCollator:
-    """Chosen and rejected in one batch: ``input_ids``/``attention_mask`` [2B, T] (chosen rows
-    first, then rejected), ``margin`` [B]."""
-
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad = pad_token_id
-
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        ids, mask = pad_rows([x["chosen"] for x in items] + [x["rejected"] for x in items], self.pad)
-        return {"input_ids": ids, "attention_mask": mask,
-                "margin": torch.tensor([x["margin"] for x in items], dtype=torch.float32)}
-
-
-def pair_lengths(items: list[dict]) -> list[int]:
-    return [max(len(x["chosen"]), len(x["rejected"])) for x in items]
 
 
 def item_lengths(items: list[dict]) -> list[int]:

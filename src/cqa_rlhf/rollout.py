@@ -72,11 +72,18 @@ def response_slice(x: torch.Tensor, seq: Sequences) -> torch.Tensor:
     return x[:, p - 1: p - 1 + r]
 
 
+def lm_outputs(lm: PreTrainedModel, seq: Sequences, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits over response positions [B, R, V], log-probs of the response [B, R]) under a
+    causal LM at the sampling temperature, with gradients (the learner's forward)."""
+    logits = lm(input_ids=seq.input_ids, attention_mask=seq.attention_mask, position_ids=seq.position_ids).logits
+    logits = response_slice(logits, seq)
+    return logits, logprobs_from_logits(logits, seq.response, temperature)
+
+
 @torch.no_grad()
 def sequence_logprobs(lm: PreTrainedModel, seq: Sequences, temperature: float) -> torch.Tensor:
     """Log-probs [B, R] of the response under a causal LM, at the sampling temperature."""
-    logits = lm(input_ids=seq.input_ids, attention_mask=seq.attention_mask, position_ids=seq.position_ids).logits
-    return logprobs_from_logits(response_slice(logits, seq), seq.response, temperature)
+    return lm_outputs(lm, seq, temperature)[1]
 
 
 @torch.no_grad()
@@ -145,9 +152,11 @@ class RolloutEngine:
         self.reference.to(device)
         self.reward_model.to(device)
 
-    def sample(self, lm: PreTrainedModel, questions: list[str], seed: int) -> tuple[list[Generation], Sequences]:
-        """One answer per question (KV cache, left padding, stop at EOS) and its exact ids as sequences."""
-        gens = generate(lm, self.fmt, questions, self.sample_cfg, seed, self.max_prompt_length)
+    def sample(self, lm: PreTrainedModel, questions: list[str], seed: int,
+               row_seeds: Sequence[int] | None = None) -> tuple[list[Generation], Sequences]:
+        """One answer per question (KV cache, left padding, stop at EOS) and its exact ids as
+        sequences; with ``row_seeds``, each answer drawn from its own seed."""
+        gens = generate(lm, self.fmt, questions, self.sample_cfg, seed, self.max_prompt_length, row_seeds=row_seeds)
         return gens, generation_sequences(gens, self.fmt.tok.pad_token_id).to(lm.device)
 
     def chunks(self, seq: Sequences) -> list[Sequences]:
@@ -161,10 +170,11 @@ class RolloutEngine:
 
     @torch.no_grad()
     def rollout(self, lm: PreTrainedModel, questions: list[str], seed: int,
-                policy_pass: PolicyPass | None = None) -> Rollout:
-        """1. sample; 2. the policy's log-probs at sampling time (``policy_pass`` when the learner
-        also needs values from the same forward); 3. the reference's log-probs; 4. reward scores."""
-        gens, seq = self.sample(lm, questions, seed)
+                policy_pass: PolicyPass | None = None, row_seeds: Sequence[int] | None = None) -> Rollout:
+        """1. sample (``row_seeds``: one seed per answer); 2. the policy's log-probs at sampling
+        time (``policy_pass`` when the learner also needs values from the same forward); 3. the
+        reference's log-probs; 4. reward scores."""
+        gens, seq = self.sample(lm, questions, seed, row_seeds)
         if policy_pass is None:
             logprobs, values = self.logprobs(lm, seq), None
         else:

@@ -183,6 +183,9 @@ class HarnessModule(L.LightningModule):
         loss = self.global_mean(local_mean, count)
         self.log("train_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=int(count),
                  sync_dist=self.trainer.world_size > 1)
+        # The curves' x: optimizer steps completed with this one, the unit of a checkpoint's
+        # global_step, so a resumed run trims exactly the rows trained after its checkpoint.
+        self.log("step", float(self.trainer.global_step + 1), on_step=True, on_epoch=False, batch_size=int(count))
         return loss
 
     def on_train_end(self) -> None:
@@ -451,11 +454,23 @@ def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out:
 
 def publish(trainer: L.Trainer, model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: str | Path, params: dict,
             metrics_path: str | Path, metrics: dict, summary: str,
-            extra: Callable[[Path], None] | None = None) -> None:
+            extra: Callable[[Path], None] | None = None, timing: tuple[str | Path, float] | None = None) -> None:
     """The end of a training stage, on rank 0 only: the exported model (:func:`export_pretrained`),
-    the metrics file, and the stage's one summary line on stdout."""
+    the metrics file, the stage's wall time (``timing``: its live dir and seconds; see
+    :func:`write_timing`) and the stage's one summary line on stdout."""
     if not trainer.is_global_zero:
         return
     export_pretrained(model, tokenizer, out, params, extra)
     write_json_atomic(metrics_path, metrics)
+    if timing is not None:
+        write_timing(*timing)
     print(summary)
+
+
+TIMING_FILE = "timing.json"
+
+
+def write_timing(live_dir: str | Path, seconds: float) -> None:
+    """``<live_dir>/timing.json``: the stage's wall time, for the leaderboard. Not a metric: it
+    differs from run to run and machine to machine, and the metrics reproduce exactly."""
+    write_json_atomic(Path(live_dir) / TIMING_FILE, {"wall_seconds": round(seconds, 1)})

@@ -1,27 +1,26 @@
-"""Stage `compare`: win rates of one policy over another on the same test questions, by every
-judge (each reward model, and gold where it exists), each with a 95% paired-bootstrap
-interval over questions (params: evaluate, compare)."""
+"""Stage `compare`: the leaderboard. Every evaluated policy against the baseline (SFT) on the same
+test questions, by every judge (each reward model, and gold where it exists): win rate and mean
+paired score difference, each with a 95% paired-bootstrap interval over questions (the same
+resamples for every policy and judge); beside them each policy's KL to the reference, answer
+length, EOS rate and the wall time of the stage that trained it (params: evaluate, compare, and
+the `live_dir` of each stage in compare.methods)."""
 
 from __future__ import annotations
 
 import csv
+import json
+import statistics
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cqa_rlhf.config import CompareConfig, EvaluateConfig
-from cqa_rlhf.errors import DataError, cli
-from cqa_rlhf.io import atomic_path, write_json_atomic
+from cqa_rlhf.config import SECTIONS, CompareConfig, EvaluateConfig
+from cqa_rlhf.errors import ConfigError, DataError, cli
+from cqa_rlhf.io import atomic_path, write_json_atomic, write_text_atomic
 from cqa_rlhf.stages.common import Params, stage_args
 from cqa_rlhf.stats import interval, paired_comparison, resample_indices
 
-
-def write_plot(path: str | Path, judged: dict[str, dict]) -> None:
-    """The win rates and their intervals as a CSV that `dvc plots` draws with error bars."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["judge", "win_rate", "ci_low", "ci_high"])
-        w.writerows((j, m["win_rate"], m["win_rate_ci95"]["low"], m["win_rate_ci95"]["high"]) for j, m in judged.items())
+FIELDS = ("win_rate", "win_rate_ci95", "score_diff", "score_diff_ci95")
 
 
 def judge_metrics(candidate: list[float], baseline: list[float], indices) -> dict:
@@ -31,42 +30,120 @@ def judge_metrics(candidate: list[float], baseline: list[float], indices) -> dic
             "score_diff": round(c["score_diff"], 6), "score_diff_ci95": interval((c["score_diff_low"], c["score_diff_high"]), 6)}
 
 
-def read_generations(cfg: CompareConfig, evaluate: EvaluateConfig) -> tuple[dict, dict]:
-    """The baseline's and the candidate's generation tables (same questions, same order)."""
+def read_generations(evaluate: EvaluateConfig) -> dict[str, dict]:
+    """Every policy's generation table (same questions, same order), in ``evaluate.policies`` order."""
     tables = {}
-    for role, name in (("baseline", cfg.baseline), ("candidate", cfg.candidate)):
+    for name in evaluate.policies:
         path = Path(evaluate.out) / name / "generations.parquet"
         if not path.is_file():
-            raise DataError(f"{path}: no generations for compare.{role} = {name!r} (run evaluate@{name})")
-        tables[role] = pq.read_table(path).to_pydict()
-    if tables["baseline"]["question"] != tables["candidate"]["question"]:
-        raise DataError(f"compare: {cfg.baseline} and {cfg.candidate} answered different questions")
-    return tables["baseline"], tables["candidate"]
+            raise DataError(f"{path}: no generations for evaluate.policies.{name} (run evaluate@{name})")
+        tables[name] = pq.read_table(path).to_pydict()
+    first = next(iter(tables))
+    for name, table in tables.items():
+        if table["question"] != tables[first]["question"]:
+            raise DataError(f"compare: {name} and {first} answered different questions")
+    return tables
 
 
-def run(cfg: CompareConfig, evaluate: EvaluateConfig) -> dict:
-    """Win rates of ``cfg.candidate`` over ``cfg.baseline`` by every judge, with paired-bootstrap
-    intervals over questions (the same resamples for every judge); writes the metrics and plot."""
-    base, cand = read_generations(cfg, evaluate)
-    judges = sorted(k for k in cand if (k.startswith("score_") or k == "gold") and k in base)
-    indices = resample_indices(len(cand["question"]))
-    judged = {j.removeprefix("score_"): judge_metrics(cand[j], base[j], indices) for j in judges}
-    key = f"{cfg.candidate}_vs_{cfg.baseline}"
-    metrics = {key: {"questions": len(cand["question"]), "bootstrap_resamples": len(indices),
-                     **{field: {j: m[field] for j, m in judged.items()}
-                        for field in ("win_rate", "win_rate_ci95", "score_diff", "score_diff_ci95")}}}
-    write_json_atomic(cfg.metrics, metrics)
-    write_plot(cfg.plot, judged)
-    print(f"compare: {key} win rate " + ", ".join(
-        f"{j} {m['win_rate']:.3f} [{m['win_rate_ci95']['low']:.3f}, {m['win_rate_ci95']['high']:.3f}]"
-        for j, m in judged.items()))
+def policy_summary(table: dict) -> dict:
+    """A policy's own figures: KL to the reference, mean answer tokens, EOS rate, gold."""
+    out = {"kl_to_reference": round(statistics.fmean(table["kl"]), 6),
+           "mean_tokens": round(statistics.fmean(table["tokens"]), 3),
+           "eos_rate": round(sum(table["ended"]) / len(table["ended"]), 6)}
+    if "gold" in table:
+        out["gold"] = round(statistics.fmean(table["gold"]), 6)
+    return out
+
+
+def leaderboard(tables: dict[str, dict], baseline: str) -> dict:
+    """``<policy>_vs_<baseline>`` for every other policy (by every judge), and ``policies``:
+    each policy's own figures."""
+    if baseline not in tables:
+        raise ConfigError(f"compare.baseline: no evaluated policy {baseline!r} (have {', '.join(tables)})")
+    base = tables[baseline]
+    judges = sorted(k for k in base if k.startswith("score_") or k == "gold")
+    indices = resample_indices(len(base["question"]))
+    metrics: dict = {"baseline": baseline, "questions": len(base["question"]), "bootstrap_resamples": len(indices)}
+    for name, table in tables.items():
+        if name != baseline:
+            judged = {j.removeprefix("score_"): judge_metrics(table[j], base[j], indices) for j in judges}
+            metrics[f"{name}_vs_{baseline}"] = {f: {j: m[f] for j, m in judged.items()} for f in FIELDS}
+    metrics["policies"] = {name: policy_summary(table) for name, table in tables.items()}
     return metrics
+
+
+def write_plot(path: str | Path, metrics: dict) -> None:
+    """Every win rate with its interval, as a CSV that `dvc plots` draws with error bars."""
+    baseline = metrics["baseline"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["comparison", "win_rate", "ci_low", "ci_high"])
+        for key, block in metrics.items():
+            if key.endswith(f"_vs_{baseline}"):
+                for judge, rate in block["win_rate"].items():
+                    ci = block["win_rate_ci95"][judge]
+                    w.writerow([f"{key.removesuffix('_vs_' + baseline)}: {judge}", rate, ci["low"], ci["high"]])
+
+
+def write_table(path: str | Path, metrics: dict, seconds: dict[str, float | None]) -> None:
+    """The leaderboard as a Markdown table (wall times included: a plain output, not a metric)."""
+    baseline, policies = metrics["baseline"], metrics["policies"]
+    judges = next((list(b["win_rate"]) for k, b in metrics.items() if k.endswith(f"_vs_{baseline}")), [])
+    head = ["policy", *[f"win vs {baseline}: {j} [95% CI]" for j in judges], "KL to ref", "tokens", "EOS rate", "stage s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, own in policies.items():
+        block = metrics.get(f"{name}_vs_{baseline}")
+        wins = [f"{block['win_rate'][j]:.3f} [{block['win_rate_ci95'][j]['low']:.3f}, "
+                f"{block['win_rate_ci95'][j]['high']:.3f}]" if block else "baseline" for j in judges]
+        wall = seconds.get(name)
+        lines.append("| " + " | ".join([name, *wins, f"{own['kl_to_reference']:.3f}", f"{own['mean_tokens']:.1f}",
+                                         f"{own['eos_rate']:.3f}", "—" if wall is None else f"{wall:.0f}"]) + " |")
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def read_seconds(live_dirs: dict[str, str]) -> dict[str, float]:
+    """Each trained policy's stage wall time from ``<live_dir>/timing.json``."""
+    out = {}
+    for name, live_dir in live_dirs.items():
+        path = Path(live_dir) / "timing.json"
+        try:
+            out[name] = float(json.loads(path.read_text(encoding="utf-8"))["wall_seconds"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"{path}: no wall time of {name}'s stage ({type(exc).__name__}); rerun that stage") from None
+    return out
+
+
+def run(cfg: CompareConfig, evaluate: EvaluateConfig, live_dirs: dict[str, str] | None = None) -> dict:
+    """The leaderboard of every policy in ``evaluate.policies``; writes the metrics, the plot and
+    the table (with the wall times read from ``live_dirs``: policy -> its stage's live dir)."""
+    metrics = leaderboard(read_generations(evaluate), cfg.baseline)
+    seconds = read_seconds({k: v for k, v in (live_dirs or {}).items() if k in evaluate.policies})
+    write_json_atomic(cfg.metrics, metrics)
+    write_plot(cfg.plot, metrics)
+    write_table(cfg.table, metrics, seconds)
+    for key, block in metrics.items():
+        if key.endswith(f"_vs_{cfg.baseline}"):
+            print(f"compare: {key} win rate " + ", ".join(
+                f"{j} {r:.3f} [{block['win_rate_ci95'][j]['low']:.3f}, {block['win_rate_ci95'][j]['high']:.3f}]"
+                for j, r in block["win_rate"].items()))
+    return metrics
+
+
+def live_dirs(params: Params, cfg: CompareConfig) -> dict[str, str]:
+    """Policy -> the live dir of the stage that trained it (``compare.methods`` names its section)."""
+    out = {}
+    for policy, section in cfg.methods.items():
+        if section not in SECTIONS or "live_dir" not in SECTIONS[section].model_fields:
+            raise ConfigError(f"{params.path}: compare.methods.{policy}: {section!r} is not a training stage's section")
+        out[policy] = params.section(section, SECTIONS[section]).live_dir
+    return out
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
     params = Params.read(stage_args(__doc__, argv).params)
-    run(params.section("compare", CompareConfig), params.section("evaluate", EvaluateConfig))
+    cfg = params.section("compare", CompareConfig)
+    run(cfg, params.section("evaluate", EvaluateConfig), live_dirs(params, cfg))
 
 
 if __name__ == "__main__":

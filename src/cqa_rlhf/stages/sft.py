@@ -41,8 +41,7 @@ def sample_check(model, fmt: PromptFormatter, val_rows: list[dict], cfg: SFTConf
 
 def run(cfg: SFTConfig, shared: Shared) -> dict:
     """Fine-tune, export ``cfg.out`` and write ``cfg.metrics`` (rank 0); returns the metrics."""
-    start = time.perf_counter()
-    resolved = shared.resolved("sft", cfg)
+    start, resolved = time.perf_counter(), shared.resolved("sft", cfg)
 
     # 1. Data: the sft tables, encoded once with the shared template.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -73,8 +72,7 @@ def run(cfg: SFTConfig, shared: Shared) -> dict:
 
     # 4. Best checkpoint -> a fresh model (LoRA merged) -> exported model, metrics, sample check.
     model = build_model(shared.model, tok, "causal", lora=lora)
-    best = load_best_weights(model, cfg.checkpoint_dir)
-    model = merge_lora(model)
+    best, model = load_best_weights(model, cfg.checkpoint_dir), merge_lora(model)
     final = evaluate_loss(model, val)
     check = sample_check(model, fmt, val_rows, cfg)
     metrics = {
@@ -84,10 +82,11 @@ def run(cfg: SFTConfig, shared: Shared) -> dict:
         "frozen_params": freeze["frozen"], "sample_eos_rate": check["sample_eos_rate"],
         "sample_mean_tokens": check["sample_mean_tokens"],
     }
+    seconds = time.perf_counter() - start
     publish(trainer, model, tok, cfg.out, resolved, cfg.metrics, metrics,
             f"sft: val perplexity {final['perplexity']:.2f} (untrained {untrained['perplexity']:.1f}), "
-            f"EOS rate {check['ended']}/{check['n']}, {trainer.global_step} steps, "
-            f"{time.perf_counter() - start:.0f}s -> {cfg.out}")
+            f"EOS rate {check['ended']}/{check['n']}, {trainer.global_step} steps, {seconds:.0f}s -> {cfg.out}",
+            timing=(cfg.live_dir, seconds))
     return metrics
 
 
