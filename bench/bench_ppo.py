@@ -8,7 +8,7 @@ params.yaml, for two model shapes:
 - GPT-Neo-125M's shape with random weights (vocab 50257; the policy, reference and reward model
   all that size). A random policy rarely emits EOS, so every answer runs to max_new_tokens: the
   worst case for generation.
-Phases are timed by wrapping PPOModule.sample, .measure and .learn; "other" is the rest of the
+Phases are timed by wrapping the rollout engine's sampling, PPOModule.rollout and .minibatch_updates; "other" is the rest of the
 iteration (advantages, logging, Lightning). The first iteration is a warm-up and is not counted.
 
 Usage: python bench/bench_ppo.py [--iterations 4] [--big-iterations 3] [--big-rollout 16]
@@ -79,8 +79,8 @@ class TimedPPO(PPOModule):
         self._row["scoring"] = self._row["rollout"] - self._row["generation"]
         return out
 
-    def learn(self, rollout, advantages, returns, it):
-        return self._timed("learning", super().learn, rollout, advantages, returns, it)
+    def minibatch_updates(self, n, mask, backward, it):
+        return self._timed("learning", super().minibatch_updates, n, mask, backward, it)
 
     def on_train_batch_start(self, batch, batch_idx):
         self._row = self.engine.row = {"start": time.perf_counter()}
