@@ -20,7 +20,7 @@ from cqa_rlhf.config import DPOConfig
 from cqa_rlhf.models import eval_mode
 from cqa_rlhf.preference_math import answer_logps, dpo_loss, implicit_rewards, preference_logits
 from cqa_rlhf.prompts import PromptFormatter
-from cqa_rlhf.training import SupervisedModule
+from cqa_rlhf.reward import _ValAccumulator as ValAccumulator  # the reward models' exact validation means
 
 
 def encode_preferences(rows: list[dict], fmt: PromptFormatter, max_length: int) -> list[dict]:
@@ -53,9 +53,11 @@ def add_reference_logps(model: nn.Module, items: list[dict], indices: Sequence[i
                 item["ref_chosen"], item["ref_rejected"] = chosen, rejected
 
 
-class DPOModule(SupervisedModule):
-    """Preference optimisation of a causal LM on pairs whose reference log-probs are in the batch."""
+class DPOModule(ValAccumulator):
+    """Preference optimisation of a causal LM on pairs whose reference log-probs are in the batch;
+    validation means exact over all batches and processes, as the reward models'."""
 
+    _keys = ("loss", "accuracy", "margin")
     progress_keys = ("train_loss", "rewards/accuracies")
     cfg: DPOConfig
 
@@ -83,20 +85,10 @@ class DPOModule(SupervisedModule):
         self.log_dict(logged, on_step=True, on_epoch=False, batch_size=n, sync_dist=self.trainer.world_size > 1)
         return self.train_loss(s["loss"].mean(), n)  # mean over the global batch's pairs
 
-    def on_validation_epoch_start(self) -> None:
-        self._sums = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in ("loss", "accuracy", "margin", "n")}
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         s = self.pair_stats(batch)
-        for key, value in (("loss", s["loss"]), ("accuracy", (s["chosen"] > s["rejected"]).float()),
-                           ("margin", s["chosen"] - s["rejected"])):
-            self._sums[key] += value.double().sum()
-        self._sums["n"] += s["loss"].shape[0]
-
-    def on_validation_epoch_end(self) -> None:
-        sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._sums.items()}
-        for key in ("loss", "accuracy", "margin"):
-            self.log(f"val_{key}", (sums[key] / sums["n"].clamp(min=1)).float(), sync_dist=False)
+        self._add(s["loss"].shape[0], loss=s["loss"], accuracy=(s["chosen"] > s["rejected"]).float(),
+                  margin=s["chosen"] - s["rejected"])
 
 
 @torch.no_grad()
