@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from cqa_rlhf.errors import ConfigError
 
@@ -39,7 +39,7 @@ def generate(model: PreTrainedModel, fmt: PromptFormatter, questions: list[str],
     """One sampled answer per question; deterministic in ``seed`` on CPU. ``progress``: the
     label of a progress bar over the batches (none by default: rollouts run inside a fit).
     ``row_seeds`` (one per question): each answer drawn from its own seed instead
-    (:class:`GumbelSampler`), so it does not depend on which batch or process it is drawn in."""
+    (:func:`next_tokens`), so it does not depend on which batch or process it is drawn in."""
     if row_seeds is not None and len(row_seeds) != len(questions):
         raise ValueError("row_seeds: one seed per question")
     torch.manual_seed(seed)
@@ -62,47 +62,87 @@ def row_seed(seed: int, question: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class GumbelSampler(LogitsProcessor):
-    """Sampling from softmax(logits / T) as argmax(logits / T + Gumbel noise) (the Gumbel-max
-    trick: an exact sample), with one noise stream per row, seeded by the row's seed and the
-    decoding step. Run under greedy decoding, each answer is a function of its prompt, its seed
-    and the weights alone: not of its batch company or of the process that draws it."""
-
-    def __init__(self, seeds: Sequence[int], temperature: float) -> None:
-        self.seeds, self.temperature, self.step = list(seeds), temperature, 0
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        vocab = scores.shape[-1]
-        noise = torch.stack([gumbel_noise(vocab, (s + self.step * 0x9E3779B97F4A7C15) % 2 ** 63) for s in self.seeds])
-        self.step += 1
-        return scores.float() / self.temperature + noise.to(scores.device)  # [B, V]
-
-
 def gumbel_noise(n: int, seed: int) -> torch.Tensor:
     """``n`` standard Gumbel draws, -log(-log U), from a generator seeded with ``seed``."""
     u = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return -torch.log(-torch.log(u.clamp(min=1e-300))).float()
 
 
+def step_noise(seeds: Sequence[int], step: int, vocab: int) -> torch.Tensor:
+    """Gumbel noise [len(seeds), vocab] of decoding step ``step``: one stream per row seed."""
+    return torch.stack([gumbel_noise(vocab, (s + step * 0x9E3779B97F4A7C15) % 2 ** 63) for s in seeds])
+
+
+@torch.no_grad()
+def decode(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, sample: SampleConfig, eos_id: int,
+           seeds: Sequence[int] | None = None) -> list[list[int]]:
+    """Each row's sampled answer ids (up to and including EOS) for left-padded prompts ``ids`` /
+    ``mask`` [B, P], with a KV cache; a row that emits EOS leaves the batch, its cache rows too,
+    so the batch shrinks as answers end instead of running every row to the longest answer as
+    ``generate`` does. The draws are ``generate``'s all the same (tests compare token for token):
+    see :func:`next_tokens`."""
+    cache = DynamicCache(config=model.config)
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # [B, P], as generate numbers them
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]  # [B, V]
+    rows, last, answers = torch.arange(len(ids), device=ids.device), pos[:, -1], [[] for _ in range(len(ids))]
+    for step in range(sample.max_new_tokens):
+        tokens = next_tokens(logits, rows, step, len(ids), sample, seeds)  # [b]
+        for r, t in zip(rows.tolist(), tokens.tolist()):
+            answers[r].append(t)
+        alive = tokens != eos_id  # [b]
+        if step + 1 == sample.max_new_tokens or not bool(alive.any()):
+            break
+        if not bool(alive.all()):
+            keep = alive.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, tokens, mask, last = rows[keep], tokens[keep], mask[keep], last[keep]
+        mask, last = torch.cat([mask, mask.new_ones(len(rows), 1)], 1), last + 1  # [b, P + step + 1], [b]
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None], cache=cache,
+                       use_cache=True).logits[:, -1]
+    return answers
+
+
+def next_tokens(logits: torch.Tensor, rows: torch.Tensor, step: int, batch: int, sample: SampleConfig,
+                seeds: Sequence[int] | None) -> torch.Tensor:
+    """The next token [b] of the rows still answering (``rows`` [b] of ``batch``) from their
+    logits [b, V] at temperature T, by one of two exact samplers of softmax(logits / T):
+    - ``seeds``: the Gumbel-max trick, argmax(logits / T + Gumbel noise of (row seed, step)), so an
+      answer depends on its prompt, seed and the weights alone, not on its batch or process;
+    - none: ``generate``'s draw, ``torch.multinomial`` over the whole batch [batch, V]. It draws
+      argmax(probs / E) with E ~ Exp(1) filled in for every row in order, so the rows that
+      already ended draw too (from a placeholder): every row then gets the random numbers it
+      gets in ``generate`` under the same torch seed."""
+    scores = logits.float() / sample.temperature  # [b, V]
+    if seeds is not None:
+        noise = step_noise([seeds[r] for r in rows.tolist()], step, scores.shape[-1])
+        return (scores + noise.to(scores.device)).argmax(-1)
+    full = scores.new_zeros(batch, scores.shape[-1])  # [batch, V]
+    full[rows] = scores
+    return torch.multinomial(torch.softmax(full, -1), 1).squeeze(1)[rows]
+
+
 def _sample_batch(model: PreTrainedModel, tok, questions: list[str], prompts: list[list[int]],
                   sample: SampleConfig, seeds: Sequence[int] | None = None) -> list[Generation]:
     ids, mask = pad_rows(prompts, tok.pad_token_id, "left")  # [B, P]
-    if seeds is None:
-        how = dict(do_sample=True, temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    if seeds is None and (sample.top_k or sample.top_p < 1.0):  # filtered sampling: generate's warpers
+        seqs = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=sample.max_new_tokens, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, use_cache=True, do_sample=True, temperature=sample.temperature,
+            top_k=sample.top_k, top_p=sample.top_p,
+        )  # [B, P + R]
+        rows = seqs[:, ids.shape[1]:].tolist()
     else:
-        if sample.top_k or sample.top_p < 1.0:
+        if seeds is not None and (sample.top_k or sample.top_p < 1.0):
             raise ConfigError("per-answer seeds sample the full distribution: set sample.top_k 0 and top_p 1")
-        how = dict(do_sample=False, num_beams=1, temperature=None, top_k=None, top_p=None,
-                   logits_processor=LogitsProcessorList([GumbelSampler(seeds, sample.temperature)]))
-    seqs = model.generate(
-        input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=sample.max_new_tokens,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True, **how,
-    )  # [B, P + R]
-    out = []
-    for q, prompt, row in zip(questions, prompts, seqs[:, ids.shape[1]:].tolist()):
-        ended = tok.eos_token_id in row
-        resp = row[: row.index(tok.eos_token_id) + 1] if ended else row
-        text = tok.decode([t for t in resp if t not in (tok.eos_token_id, tok.pad_token_id)],
-                          skip_special_tokens=True).strip()
-        out.append(Generation(question=q, text=text, prompt_ids=prompt, response_ids=resp, ended=ended))
-    return out
+        rows = decode(model, ids, mask, sample, tok.eos_token_id, seeds)
+    return [_generation(tok, q, prompt, row) for q, prompt, row in zip(questions, prompts, rows)]
+
+
+def _generation(tok, question: str, prompt: list[int], row: list[int]) -> Generation:
+    """A sampled row (padded after EOS, or not) as a :class:`Generation`."""
+    ended = tok.eos_token_id in row
+    resp = row[: row.index(tok.eos_token_id) + 1] if ended else row
+    text = tok.decode([t for t in resp if t not in (tok.eos_token_id, tok.pad_token_id)], skip_special_tokens=True).strip()
+    return Generation(question=question, text=text, prompt_ids=prompt, response_ids=resp, ended=ended)
