@@ -532,17 +532,19 @@ def run_trl_ppo(iterations: int, work: Path, fmt) -> tuple[IterationClock, float
     assert trl.__version__ == "1.12.0", trl.__version__
     clock = IterationClock()
 
-    class Steps(TrainerCallback):
+    class Steps(TrainerCallback):  # TRL's PPO loop calls on_step_end once per iteration
+        def on_train_begin(self, args, state, control, **kwargs):
+            clock.ends.append(time.perf_counter())  # a placeholder: where the first iteration starts
+
         def on_step_end(self, args, state, control, **kwargs):
-            now = time.perf_counter()
-            if clock.ends:
-                clock.starts.append(clock.ends[-1])
-            clock.ends.append(now)
+            clock.starts.append(clock.ends[-1])
+            clock.ends.append(time.perf_counter())
 
     fmt.tok.padding_side = "left"
+    # rollout = per_device_train_batch_size x gradient_accumulation_steps = 64, minibatches of 32, micro-batches of 32
     rows = [{"input_ids": fmt.encode_prompt(q, 128)} for q in ppo_questions(iterations)]
     sft, rm = ROOT / "models" / "sft", ROOT / "models" / "reward" / "classification"
-    args = PPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=MINI, gradient_accumulation_steps=1,
+    args = PPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=MINI, gradient_accumulation_steps=2,
                      num_mini_batches=ROLLOUT // MINI, num_ppo_epochs=2, total_episodes=ROLLOUT * iterations,
                      local_rollout_forward_batch_size=MINI, response_length=NEW, stop_token="eos", temperature=1.0,
                      missing_eos_penalty=1.0, kl_coef=0.1, cliprange=0.2, vf_coef=0.1, cliprange_value=0.2,
@@ -556,6 +558,7 @@ def run_trl_ppo(iterations: int, work: Path, fmt) -> tuple[IterationClock, float
                          value_model=AutoModelForSequenceClassification.from_pretrained(rm),
                          train_dataset=Dataset.from_list(rows), callbacks=[Steps()])
     trainer.train()
+    clock.ends.pop(0)
     clock.tokens = [0] * len(clock.ends)
     return clock, 0.0
 
@@ -682,7 +685,7 @@ def summarise(runs: dict) -> list[dict]:
                      "prep_s": {s: statistics.median(r["prep_s"] for r in rs) for s, rs in by_side.items()},
                      "loss_gap_trl": None if online else loss_gap(first["ours"], first["trl"]),
                      "loss_gap_bare": None if online else loss_gap(first["ours"], first["bare"]),
-                     "final_loss": {s: l[-1] for s, l in first.items()},
+                     "final_loss": {s: l[-1] for s, l in first.items() if l},
                      "gflops": [min(r["gflops_before"], r["gflops_after"]) for rs in by_side.values() for r in rs]})
     return rows
 
@@ -729,6 +732,8 @@ def main() -> None:
                     for side in SIDES:
                         r = launch(side, stage, config, args, Path(tmp))
                         runs.setdefault((stage, config), {}).setdefault(side, []).append(r)
+                        raw = [{"stage": k[0], "config": k[1], "side": sd, "runs": rs} for k, v in runs.items() for sd, rs in v.items()]
+                        Path(args.out).with_suffix(".runs.json").write_text(json.dumps(raw) + "\n")  # kept if a later run fails
                         print(f"repeat {repeat} {stage} {config} {side}: {r['median_step_s']:.3f} s/step, "
                               f"{r['tokens_per_s']:.0f} tok/s, matmul {r['gflops_before']:.0f}/{r['gflops_after']:.0f} "
                               "GFLOP/s", flush=True)
