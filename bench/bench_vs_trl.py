@@ -338,11 +338,42 @@ class IterationClock:
                 "losses": self.losses}
 
 
-def grpo_questions(fmt, iterations: int) -> list[str]:
+def train_questions(n: int) -> list[str]:
+    """The first ``n`` training prompts: every online-RL side asks the same questions."""
     from cqa_rlhf.data.tables import read_table
 
     rows = read_table(ROOT / "data" / "prepared" / "train" / "prompts").to_pylist()
-    return [r["question"] for r in rows[: PROMPTS * iterations]]
+    return [r["question"] for r in rows[:n]]
+
+
+def timed(module_cls, clock: IterationClock, length_key: str, loss_key: str | None):
+    """``module_cls`` (an online-RL module) with each iteration's span, answer tokens and loss on ``clock``."""
+
+    class Timed(module_cls):
+        def on_train_batch_start(self, batch, batch_idx):
+            clock.starts.append(time.perf_counter())
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            clock.ends.append(time.perf_counter())
+
+        def log_iteration(self, values, n):
+            clock.tokens.append(int(values[length_key] * n) if length_key in values else 0)
+            if loss_key is not None:
+                clock.losses.append(float(values[loss_key]))
+            super().log_iteration(values, n)
+
+    return Timed
+
+
+def online_config(section: str, cfg_cls, iterations: int, work: Path, **update):
+    """The stage's params with a short run, almost no held-out evaluation and outputs in ``work``."""
+    from cqa_rlhf.stages.common import Params
+
+    params = Params.read(str(ROOT / "params.yaml"))
+    cfg = params.section(section, cfg_cls).model_copy(update={
+        "iterations": iterations, "eval_every": 10**6, "eval_prompts": 8, "samples_every": 10**6,
+        "out": str(work / "out"), "live_dir": str(work / "live"), "checkpoint_dir": str(work / "ckpt"), **update})
+    return cfg, params.shared()
 
 
 def run_ours_grpo(iterations: int, work: Path, fmt) -> tuple[IterationClock, float]:
@@ -351,33 +382,15 @@ def run_ours_grpo(iterations: int, work: Path, fmt) -> tuple[IterationClock, flo
     from cqa_rlhf.grpo import GRPOModule
     from cqa_rlhf.models import build_model, disable_dropout, reference_for
     from cqa_rlhf.online import load_inputs, rollout_engine, train
-    from cqa_rlhf.stages.common import Params
 
     clock = IterationClock()
-
-    class Timed(GRPOModule):
-        def on_train_batch_start(self, batch, batch_idx):
-            clock.starts.append(time.perf_counter())
-
-        def on_train_batch_end(self, outputs, batch, batch_idx):
-            clock.ends.append(time.perf_counter())
-
-        def log_iteration(self, values, n):
-            clock.tokens.append(int(values["completions/mean_length"] * n))
-            clock.losses.append(float(values["loss"]))
-            super().log_iteration(values, n)
-
-    params = Params.read(str(ROOT / "params.yaml"))
-    shared = params.shared()
-    cfg = params.section("grpo", GRPOConfig).model_copy(update={
-        "iterations": iterations, "eval_every": 10**6, "eval_prompts": 8, "samples_every": 10**6,
-        "out": str(work / "out"), "live_dir": str(work / "live"), "checkpoint_dir": str(work / "ckpt")})
+    cfg, shared = online_config("grpo", GRPOConfig, iterations, work)
     inputs = load_inputs("grpo", cfg, shared.trainer_for(cfg.trainer), shared.prompt, shared.tokenizer.out)
     policy = disable_dropout(build_model(shared.model, inputs.tok, "causal", init_from=cfg.sft_dir))
     engine, norm = rollout_engine("grpo", cfg, inputs, shared.prompt, shared.model.dtype,
                                   reference_for(policy, cfg.sft_dir, inputs.tok, shared.model.dtype))
-    module = Timed(policy, engine, cfg, "bench", norm, None)
-    train(module, inputs, 0)
+    train(timed(GRPOModule, clock, "completions/mean_length", "loss")(policy, engine, cfg, "bench", norm, None),
+          inputs, 0)
     return clock, 0.0
 
 
@@ -402,7 +415,7 @@ def run_trl_grpo(iterations: int, work: Path, fmt) -> tuple[IterationClock, floa
                 clock.tokens.append(int(logs["completions/mean_length"] * G * PROMPTS))
                 clock.losses.append(float(logs.get("loss", float("nan"))))
 
-    prompts = [fmt.tok.decode(fmt.encode_prompt(q, 128)) for q in grpo_questions(fmt, iterations)]
+    prompts = [fmt.tok.decode(fmt.encode_prompt(q, 128)) for q in train_questions(PROMPTS * iterations)]
     args = trl.GRPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=MINI, steps_per_generation=2,
                           num_generations=G, max_completion_length=NEW, temperature=1.0, top_p=1.0, top_k=0,
                           beta=0.04, epsilon=0.2, loss_type="dapo", scale_rewards="group", num_iterations=1,
@@ -431,7 +444,7 @@ def run_bare_grpo(iterations: int, work: Path, fmt) -> tuple[IterationClock, flo
     policy, ref = (AutoModelForCausalLM.from_pretrained(ROOT / "models" / "sft") for _ in range(2))
     rm = AutoModelForSequenceClassification.from_pretrained(ROOT / "models" / "reward" / "classification")
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
-    questions = grpo_questions(fmt, iterations)
+    questions = train_questions(PROMPTS * iterations)
 
     def logps(model, ids, mask, p):  # [B, R] log-probs of the response tokens
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, p - 1:-1]
@@ -479,46 +492,21 @@ GRPO_SIDES = {"ours": run_ours_grpo, "trl": run_trl_grpo, "bare": run_bare_grpo}
 ROLLOUT = 64
 
 
-def ppo_questions(iterations: int) -> list[str]:
-    from cqa_rlhf.data.tables import read_table
-
-    rows = read_table(ROOT / "data" / "prepared" / "train" / "prompts").to_pylist()
-    return [r["question"] for r in rows[: ROLLOUT * iterations]]
-
-
 def run_ours_ppo(iterations: int, work: Path, fmt) -> tuple[IterationClock, float]:
     """The ppo stage's own steps (stages/ppo.py) with ``critic: separate``, timed per iteration."""
     from cqa_rlhf.config import PPOConfig
     from cqa_rlhf.models import build_policy, reference_for
     from cqa_rlhf.online import load_inputs, rollout_engine, train
     from cqa_rlhf.ppo import PPOModule
-    from cqa_rlhf.stages.common import Params
 
     clock = IterationClock()
-
-    class Timed(PPOModule):
-        def on_train_batch_start(self, batch, batch_idx):
-            clock.starts.append(time.perf_counter())
-
-        def on_train_batch_end(self, outputs, batch, batch_idx):
-            clock.ends.append(time.perf_counter())
-
-        def log_iteration(self, values, n):
-            clock.tokens.append(int(values["objective/mean_length"] * n) if "objective/mean_length" in values else 0)
-            super().log_iteration(values, n)
-
-    params = Params.read(str(ROOT / "params.yaml"))
-    shared = params.shared()
-    cfg = params.section("ppo", PPOConfig).model_copy(update={
-        "iterations": iterations, "eval_every": 10**6, "eval_prompts": 8, "samples_every": 10**6, "critic": "separate",
-        "out": str(work / "out"), "live_dir": str(work / "live"), "checkpoint_dir": str(work / "ckpt")})
+    cfg, shared = online_config("ppo", PPOConfig, iterations, work, critic="separate")
     cfg = cfg.model_copy(update={"kl": cfg.kl.model_copy(update={"adaptive": False})})
     inputs = load_inputs("ppo", cfg, shared.trainer_for(cfg.trainer), shared.prompt, shared.tokenizer.out)
     policy = build_policy(shared.model, inputs.tok, cfg.sft_dir, cfg.critic, cfg.reward_model)
     engine, norm = rollout_engine("ppo", cfg, inputs, shared.prompt, shared.model.dtype,
                                   reference_for(policy.lm, cfg.sft_dir, inputs.tok, shared.model.dtype))
-    module = Timed(policy, engine, cfg, "bench", norm, None)
-    train(module, inputs, 0)
+    train(timed(PPOModule, clock, "objective/mean_length", None)(policy, engine, cfg, "bench", norm, None), inputs, 0)
     return clock, 0.0
 
 
@@ -542,7 +530,7 @@ def run_trl_ppo(iterations: int, work: Path, fmt) -> tuple[IterationClock, float
 
     fmt.tok.padding_side = "left"
     # rollout = per_device_train_batch_size x gradient_accumulation_steps = 64, minibatches of 32, micro-batches of 32
-    rows = [{"input_ids": fmt.encode_prompt(q, 128)} for q in ppo_questions(iterations)]
+    rows = [{"input_ids": fmt.encode_prompt(q, 128)} for q in train_questions(ROLLOUT * iterations)]
     sft, rm = ROOT / "models" / "sft", ROOT / "models" / "reward" / "classification"
     args = PPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=MINI, gradient_accumulation_steps=2,
                      num_mini_batches=ROLLOUT // MINI, num_ppo_epochs=2, total_episodes=ROLLOUT * iterations,
@@ -577,7 +565,7 @@ def run_bare_ppo(iterations: int, work: Path, fmt) -> tuple[IterationClock, floa
     policy, ref = AutoModelForCausalLM.from_pretrained(sft), AutoModelForCausalLM.from_pretrained(sft)
     critic, rm = (AutoModelForSequenceClassification.from_pretrained(rm_dir) for _ in range(2))
     opt = torch.optim.AdamW([*policy.parameters(), *critic.parameters()], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
-    questions = ppo_questions(iterations)
+    questions = train_questions(ROLLOUT * iterations)
 
     def logps(model, ids, mask, p):  # [B, R]
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, p - 1:-1]
