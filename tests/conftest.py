@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,25 @@ def run_until_killed(module: str, params: dict, tmp_path: Path, ready, args: tup
     proc.wait()
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(dir)``'s directory, built once per test session even under pytest-xdist: the
+    first worker that needs it builds it under a file lock in the directory this run's workers
+    share (pytest-of-<user>/pytest-<n>); the others wait and reuse it. Tests only read it."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    home, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(home, ignore_errors=True)  # what a build that failed on another worker left
+            home.mkdir()
+            build(home)
+            done.touch()
+    return home
+
+
 def _tiny_site(work: Path) -> Path:
     from helpers import tiny_params
 
@@ -103,16 +123,18 @@ def prepared(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared_session(tmp_path_factory) -> Path:
     """The same tiny site, shared by every module that trains on it (the RLHF fixtures)."""
-    return _tiny_site(tmp_path_factory.mktemp("tiny_session"))
+    return built_once(tmp_path_factory, "tiny_session", _tiny_site)
 
 
 @pytest.fixture(scope="session")
 def rlhf_inputs(prepared_session, tmp_path_factory) -> Path:
     """The tiny SFT policy and a Bradley-Terry reward model trained on it (real stages)."""
+    return built_once(tmp_path_factory, "rlhf", lambda work: _rlhf_inputs(prepared_session, work))
+
+
+def _rlhf_inputs(prepared: Path, work: Path) -> Path:
     from helpers import tiny_params
 
-    prepared = prepared_session
-    work = tmp_path_factory.mktemp("rlhf")
     params = tiny_params(prepared, max_steps=40, out=str(work / "sft"), metrics=str(work / "sft.json"),
                          live_dir=str(work / "sft_live"), checkpoint_dir=str(work / "sft_ckpt"))
     params["reward"] = {"classification": {
@@ -133,9 +155,12 @@ def whole_answers(tmp_path_factory) -> Path:
     the default data. (With the shared 400-token tokenizer almost every answer is cut at 96
     tokens: the reward model never sees an EOS, and scored on the exact sampled ids it gives
     every unfinished answer the same score.)"""
+    return built_once(tmp_path_factory, "whole", _whole_answers)
+
+
+def _whole_answers(work: Path) -> Path:
     from helpers import tiny_params
 
-    work = tmp_path_factory.mktemp("whole")
     params = tiny_params(work, max_steps=60)
     params["tokenizer"]["vocab_size"] = 900
     params["reward"] = {"classification": {

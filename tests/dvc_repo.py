@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, init_dvc_repo, stage_env
+from conftest import ROOT, built_once, init_dvc_repo, stage_env
 
 REWARD = {"reward@regression", "reward@classification"}
 METHODS = {"ppo", "dpo", "grpo"}
@@ -64,10 +64,9 @@ def _make_repo(r: Path) -> Path:
     return init_dvc_repo(r, "pipeline")
 
 
-@pytest.fixture(scope="module")
-def ran_repo(tmp_path_factory) -> Path:
-    """The tiny pipeline, run once with `dvc repro` (every stage) and committed."""
-    r = _make_repo(tmp_path_factory.mktemp("ran") / "repo")
+def _build_ran_repo(r: Path) -> Path:
+    """The tiny pipeline in ``r``, run with `dvc repro` (every stage) and committed."""
+    _make_repo(r)
     assert _ran(_dvc("repro", cwd=r)) == ALL
     metrics = json.loads((r / "metrics/data.json").read_text())
     assert metrics["input"]["questions"] == 300 and metrics["train"]["pairs"] > 0
@@ -75,6 +74,14 @@ def ran_repo(tmp_path_factory) -> Path:
     _run(["git", "add", "-A"], r)
     _run(["git", "commit", "-qm", "run"], r)
     return r
+
+
+@pytest.fixture(scope="session")
+def ran_repo(tmp_path_factory) -> Path:
+    """The tiny pipeline, run once per test session and committed (shared by the DVC workflow
+    files, which pytest-xdist spreads over its workers: conftest.built_once); tests only read
+    it, :func:`repo` gives each its own copy."""
+    return built_once(tmp_path_factory, "ran_repo", lambda home: _build_ran_repo(home / "repo")) / "repo"
 
 
 @pytest.fixture

@@ -126,7 +126,10 @@ def _sample_batch(model: PreTrainedModel, tok, questions: list[str], prompts: li
                   sample: SampleConfig, seeds: Sequence[int] | None = None) -> list[Generation]:
     ids, mask = pad_rows(prompts, tok.pad_token_id, "left")  # [B, P]
     ids, mask = ids.to(model.device), mask.to(model.device)
-    if seeds is None and (sample.top_k or sample.top_p < 1.0):  # filtered sampling: generate's warpers
+    filtered = bool(sample.top_k) or sample.top_p < 1.0
+    if filtered and seeds is not None:
+        raise ConfigError("per-answer seeds sample the full distribution: set sample.top_k 0 and top_p 1")
+    if filtered:  # generate's top-k / top-p warpers
         seqs = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=sample.max_new_tokens, pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id, use_cache=True, do_sample=True, temperature=sample.temperature,
@@ -134,8 +137,6 @@ def _sample_batch(model: PreTrainedModel, tok, questions: list[str], prompts: li
         )  # [B, P + R]
         rows = seqs[:, ids.shape[1]:].tolist()
     else:
-        if seeds is not None and (sample.top_k or sample.top_p < 1.0):
-            raise ConfigError("per-answer seeds sample the full distribution: set sample.top_k 0 and top_p 1")
         rows = decode(model, ids, mask, sample, tok.eos_token_id, seeds)
     return [_generation(tok, q, prompt, row) for q, prompt, row in zip(questions, prompts, rows)]
 

@@ -325,19 +325,37 @@ def prepare_run(trainer_cfg: TrainerConfig, module: HarnessModule, live_dir: str
     if resume is not None and zero:
         saved = torch.load(resume, map_location="cpu", weights_only=True)
         trim_live_curves(live_dir, module.curve_step(saved))
-    trainer.loggers = [live_logger(live_dir, resume is not None)]
+    trainer.loggers = [live_logger(live_dir, resume is not None, rank_zero=zero)]
     return trainer, resume
 
 
-def live_logger(live_dir: str | Path, resume: bool = False):
+def live_logger(live_dir: str | Path, resume: bool = False, rank_zero: bool = True):
     """DVCLive logger. When resuming, the curves logged before the checkpoint are kept (the live
     dir is a persistent DVC output; :func:`prepare_run` drops those the interrupted run logged
-    after it, as that part is trained again)."""
+    after it, as that part is trained again). Its ``Live`` is built here, on rank 0 only (other
+    ranks log nothing), so that its summary is written atomically (:func:`atomic_live`)."""
     from dvclive.lightning import DVCLiveLogger
 
     # dvcyaml=False and save_dvc_exp=False: DVCLive must not rewrite dvc.yaml or make its own
     # experiments; the stage declares its metrics and plots in dvc.yaml (cache: false).
-    return DVCLiveLogger(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, resume=resume)
+    kwargs = dict(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, resume=resume)
+    return DVCLiveLogger(experiment=atomic_live(**kwargs) if rank_zero else None, **kwargs)
+
+
+def atomic_live(**kwargs):
+    """A DVCLive ``Live`` whose ``metrics.json`` is replaced in one step (written beside it, then
+    renamed). DVCLive rewrites it in place at every logged step, so a run killed during that
+    write left an empty file, and the resumed run's DVCLive failed reading it."""
+    from dvclive import Live
+    from dvclive.plots import NumpyEncoder
+
+    class AtomicSummaryLive(Live):
+        def make_summary(self):
+            if self._step is not None:
+                self.summary["step"] = self.step
+            write_text_atomic(self.metrics_file, json.dumps(self.summary, indent=4, cls=NumpyEncoder) + "\n")
+
+    return AtomicSummaryLive(**kwargs)
 
 
 def build_trainer(trainer_cfg: TrainerConfig, loop: Loop, ckpt_dir: str | Path, callbacks: Sequence[L.Callback] = (),
@@ -368,7 +386,10 @@ def build_trainer(trainer_cfg: TrainerConfig, loop: Loop, ckpt_dir: str | Path, 
 
 
 def trim_live_curves(live_dir: str | Path, step: int) -> None:
-    """Drop DVCLive rows logged after ``step``, and any line a killed run left half-written."""
+    """Drop DVCLive rows logged after ``step``, any line a killed run left half-written, and the
+    temporary file of a summary it was writing (:func:`atomic_live`)."""
+    for tmp in Path(live_dir).glob(".metrics.json.tmp-*"):
+        tmp.unlink()
     for tsv in Path(live_dir).glob("plots/metrics/**/*.tsv"):
         lines = tsv.read_text().splitlines()
         if not lines or "step" not in lines[0].split("\t"):
