@@ -339,7 +339,7 @@ def test_killed_lora_sft_resumes_and_matches_an_uninterrupted_run(tmp_path, prep
     from conftest import run_until_killed
 
     def params_for(work: Path) -> dict:
-        params = tiny_params(prepared, max_steps=200, val_check_interval=10, out=str(work / "sft"),
+        params = tiny_params(prepared, max_steps=60, val_check_interval=10, out=str(work / "sft"),
                              metrics=str(work / "sft.json"), live_dir=str(work / "live"),
                              checkpoint_dir=str(work / "ckpt"))
         params["model"]["lora"] = {**LORA, "layers": [-1]}
