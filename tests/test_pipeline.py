@@ -88,7 +88,7 @@ def test_repro_noop_and_selective_reruns(repo):
     # sft reruns (fresh: its code changed) and, being deterministic, writes the same model, so
     # the reward models that start from it are not rerun. The leaderboard reruns only to show a
     # new wall time: whether the rerun's time differs from the last one at 0.1 s is chance.
-    timing = repo / yaml.safe_load(text)["sft"]["live_dir"] / "timing.json"
+    timing = repo / params["sft"]["live_dir"] / "timing.json"
     before = timing.read_text()
     ran = _ran(_dvc("repro", cwd=repo))
     assert ran == {"sft", *({"compare"} if timing.read_text() != before else set())}, (ran, before)
