@@ -9,7 +9,8 @@ then mean ± sd and min/max of the headline metrics, whether PPO beats SFT on ev
 every metric, its standard deviation across seeds in bench/seed_sd.json (the tolerances of
 scripts/check_repro.py).
 
-    python bench/seed_study.py --seeds 0 1 2 3 4       # about 15 minutes a seed on 2 cores
+    python bench/seed_study.py --seeds 0 1 2 3 4       # about 16 minutes a seed on 2 cores
+    python bench/seed_study.py --with-committed --seeds 1 2 3 4   # the committed run as seed 0
     python bench/seed_study.py --summarize             # the tables again from bench/seed_study.json
 """
 
@@ -37,14 +38,23 @@ HEADLINE = {
     "PPO vs SFT win rate, gold": "metrics/compare.json:ppo_vs_sft.win_rate.gold",
     "PPO vs SFT win rate, classification RM": "metrics/compare.json:ppo_vs_sft.win_rate.classification",
     "PPO vs SFT win rate, regression RM": "metrics/compare.json:ppo_vs_sft.win_rate.regression",
+    "GRPO vs SFT win rate, gold": "metrics/compare.json:grpo_vs_sft.win_rate.gold",
+    "GRPO vs SFT win rate, regression RM": "metrics/compare.json:grpo_vs_sft.win_rate.regression",
+    "DPO vs SFT win rate, gold": "metrics/compare.json:dpo_vs_sft.win_rate.gold",
+    "DPO test preference accuracy": "metrics/dpo.json:pairwise_accuracy",
     "gold: base": "metrics/eval_base.json:gold",
     "gold: SFT": "metrics/eval_sft.json:gold",
     "gold: PPO": "metrics/eval_ppo.json:gold",
+    "gold: DPO": "metrics/eval_dpo.json:gold",
+    "gold: GRPO": "metrics/eval_grpo.json:gold",
     "PPO KL to SFT (test questions)": "metrics/eval_ppo.json:kl_to_reference",
     "PPO KL to SFT (training, final)": "metrics/ppo.json:final.kl",
     "answer length, SFT (tokens)": "metrics/eval_sft.json:mean_tokens",
     "answer length, PPO (tokens)": "metrics/eval_ppo.json:mean_tokens",
+    "GRPO KL to SFT (test questions)": "metrics/eval_grpo.json:kl_to_reference",
+    "answer length, GRPO (tokens)": "metrics/eval_grpo.json:mean_tokens",
 }
+METHODS = {"PPO": "ppo", "DPO": "dpo", "GRPO": "grpo"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -94,7 +104,7 @@ def numeric(v: object) -> bool:
 
 
 def summarize(runs: list[dict]) -> str:
-    """Markdown: the headline table, PPO-over-SFT on every seed, wall times; writes seed_sd.json."""
+    """Markdown: the headline table, each method over SFT on every seed, wall times; writes seed_sd.json."""
     keys = sorted(set.intersection(*(set(r["metrics"]) for r in runs)))
     sd = {k: round(statistics.stdev([r["metrics"][k] for r in runs]), 6) for k in keys
           if all(numeric(r["metrics"][k]) for r in runs)}
@@ -105,11 +115,13 @@ def summarize(runs: list[dict]) -> str:
         vals = [r["metrics"][key] for r in runs]
         lines.append(f"| {label} | {statistics.mean(vals):.4g} ± {statistics.stdev(vals):.2g} | {min(vals):.4g} | "
                      f"{max(vals):.4g} | {', '.join(f'{v:.4g}' for v in vals)} |")
-    beats = [r["metrics"]["metrics/eval_ppo.json:gold"] > r["metrics"]["metrics/eval_sft.json:gold"] for r in runs]
-    above = [r["metrics"]["metrics/compare.json:ppo_vs_sft.win_rate_ci95.gold.low"] > 0.5 for r in runs]
-    lines += ["", f"PPO's mean gold above SFT's: {sum(beats)} of {len(runs)} seeds; gold win rate's 95% interval "
-              f"above 0.5: {sum(above)} of {len(runs)} seeds.",
-              "Wall time per seed (s): " + ", ".join(f"seed {r['seed']} {r['wall_s']:.0f} ({len(r['stage_s'])} stages run)"
+    lines.append("")
+    for label, policy in METHODS.items():
+        beats = [r["metrics"][f"metrics/eval_{policy}.json:gold"] > r["metrics"]["metrics/eval_sft.json:gold"] for r in runs]
+        above = [r["metrics"][f"metrics/compare.json:{policy}_vs_sft.win_rate_ci95.gold.low"] > 0.5 for r in runs]
+        lines.append(f"{label}'s mean gold above SFT's: {sum(beats)} of {len(runs)} seeds; gold win rate's 95% "
+                     f"interval above 0.5: {sum(above)} of {len(runs)} seeds.")
+    lines += ["Wall time per seed (s): " + ", ".join(f"seed {r['seed']} {r['wall_s']:.0f} ({len(r['stage_s'])} stages run)"
                                                      for r in runs if "wall_s" in r)]
     return "\n".join(lines)
 
