@@ -4,10 +4,10 @@ Each seed runs in its own clone of the repository's HEAD with ``dvc exp run -S s
 switch every training and sampling stage takes its seed from. The clones share one new DVC cache:
 the first seed runs the whole graph from nothing (a fresh-clone run: its metrics are checked
 byte for byte against the committed ones when it is the committed seed), the next ones restore
-the seed-independent stages (synth, data, tokenizer) from DVC's run-cache. Per seed it records every metric and the wall time;
-then mean ± sd and min/max of the headline metrics, whether PPO beats SFT on every seed, and, for
-every metric, its standard deviation across seeds in bench/seed_sd.json (the tolerances of
-scripts/check_repro.py).
+the seed-independent stages (synth, data, tokenizer) from DVC's run-cache. Per seed it records
+every metric and the wall time; then mean ± sd and min/max of the headline metrics, on how many
+seeds each of PPO, DPO and GRPO beats SFT (``METHODS``), and, for every metric, its standard
+deviation across seeds in bench/seed_sd.json (the tolerances of scripts/check_repro.py).
 
     python bench/seed_study.py --seeds 0 1 2 3 4       # about 16 minutes a seed on 2 cores
     python bench/seed_study.py --with-committed --seeds 1 2 3 4   # the committed run as seed 0
