@@ -1,10 +1,13 @@
 """The numeric pin (cqa_rlhf/numerics.py): the tiny graph's training stages, forced through two
-different CPU code paths on this machine, write byte-identical weights and metrics when pinned,
-and different ones when free. Plus the switch's one-line errors."""
+different CPU code paths and thread counts on this machine, write byte-identical weights and
+metrics when pinned, and different ones when free; MKL's vendor check answered by the shim, and
+the GEMM guard's one-line refusal without it. Plus the switches' one-line errors. (Across CPUs:
+tests/test_golden.py.)"""
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +20,15 @@ from helpers import tiny_params
 
 FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
 HAS_AVX2 = " avx2 " in FLAGS.replace("\n", " ")
+VENDOR = next((line.split(":")[1].strip() for line in FLAGS.splitlines() if line.startswith("vendor_id")), "")
 # Two code paths through the very variables the pin overrides: the CPU's best ATen kernels with
-# MKL's automatic dispatch on 2 threads, against ATen's generic kernels, another MKL branch and one
-# thread (what an older CPU or another core count would run).
+# MKL's automatic dispatch on 3 threads, against ATen's generic kernels, another MKL branch and one
+# thread (what an older CPU or another core count would run). CQA_THREADS is the pin's own count.
 PATHS = {
     "best": {"ATEN_CPU_CAPABILITY": "avx512" if " avx512f " in FLAGS.replace("\n", " ") else "avx2",
-             "MKL_CBWR": "AUTO", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"},
-    "generic": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "SSE4_2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+             "MKL_CBWR": "AUTO", "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3", "CQA_THREADS": "3"},
+    "generic": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "SSE4_2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                "CQA_THREADS": "1"},
 }
 
 
@@ -75,14 +80,14 @@ def test_pinned_stages_are_byte_identical_across_code_paths_and_free_ones_are_no
     for name in pinned["best"]:
         assert pinned["best"][name] == pinned["generic"][name], f"{name} differs between code paths under the pin"
     exported = yaml.safe_load((prepared / "pinned-generic" / "sft" / "params.yaml").read_text())
-    assert exported["numerics"] == {"mode": "pinned", "aten": "AVX2", "mkl_cbwr": "COMPATIBLE", "threads": 2}
+    assert exported["numerics"] == {"mode": "pinned", "aten": "AVX2", "mkl_cbwr": "AVX2,STRICT"}
 
     free = {tag: _run_graph(prepared, prepared / f"free-{tag}", {**env, "CQA_NUMERICS": "free"}, ("sft",))
             for tag, env in PATHS.items()}
     assert free["best"]["sft/model.safetensors"] != free["generic"]["sft/model.safetensors"]
     assert free["best"]["m/sft.json"] != free["generic"]["m/sft.json"]  # the val loss moves too
     exported = yaml.safe_load((prepared / "free-generic" / "sft" / "params.yaml").read_text())
-    assert exported["numerics"] == {"mode": "free", "aten": "DEFAULT", "mkl_cbwr": "SSE4_2", "threads": 1}
+    assert exported["numerics"] == {"mode": "free", "aten": "DEFAULT", "mkl_cbwr": "SSE4_2"}
 
 
 def test_unknown_switch_value_is_a_one_line_error(prepared):
@@ -101,3 +106,36 @@ def test_torch_imported_before_the_package_is_refused_when_pinned(prepared):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: torch was imported before cqa_rlhf") and "CQA_NUMERICS=free" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (prepared / "never2").exists()
+
+
+def test_malformed_thread_count_is_a_one_line_error(prepared):
+    proc = _stage("sft", tiny_params(prepared, out=str(prepared / "never3")), prepared, {"CQA_THREADS": "all"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: CQA_THREADS='all': expected a whole number of threads >= 1"]
+    assert not (prepared / "never3").exists()
+
+
+def _probe(src: Path) -> subprocess.CompletedProcess:
+    code = "import cqa_rlhf, torch; from cqa_rlhf import numerics; print(numerics._shim_loaded); numerics.check(); print('ok')"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**stage_env(), "PYTHONPATH": str(src), "CQA_NUMERICS": "pinned"})
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the pinned numbers need an x86-64 CPU with AVX2")
+def test_vendor_shim_makes_mkl_honour_the_strict_branch_and_the_guard_refuses_without_it(tmp_path):
+    """With the shim, the guard GEMM equals the reference (recorded with Intel's dispatch). Without
+    it, MKL on a non-Intel CPU ignores AVX2,STRICT: the guard refuses with one line naming the
+    shim. An Intel CPU honours the branch by itself, so there the copy without it passes too."""
+    import cqa_rlhf
+
+    with_shim = _probe(Path(cqa_rlhf.__file__).parents[1])
+    assert with_shim.returncode == 0 and with_shim.stdout.split() == ["True", "ok"], with_shim.stderr[-2000:]
+    bare = tmp_path / "src"
+    shutil.copytree(Path(cqa_rlhf.__file__).parent, bare / "cqa_rlhf", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    without = _probe(bare)
+    if VENDOR == "GenuineIntel":
+        assert without.returncode == 0 and without.stdout.split() == ["False", "ok"], without.stderr[-2000:]
+        return
+    assert without.returncode != 0 and without.stdout.split() == ["False"]
+    last = without.stderr.strip().splitlines()[-1]
+    assert "not the reference" in last and "cqa_rlhf._mkl_intel was not built" in last, last

@@ -36,7 +36,9 @@ def test_stage_deps_are_exactly_the_modules_it_imports(stage):
     out = subprocess.run([sys.executable, "-c", code, STAGE_MODULES[stage], str(ROOT)], capture_output=True,
                          text=True, check=True, env={**stage_env(), "PYTHONPATH": str(ROOT / "src")}).stdout
     imported = set(out.split())
-    assert imported == _declared_src_deps(stage)
+    # numerics.py loads MKL's vendor shim, built from this C source, before torch: it sets the bits too.
+    assert "src/cqa_rlhf/numerics.py" in imported
+    assert imported | {"src/cqa_rlhf/_mkl_intel.c"} == _declared_src_deps(stage)
 
 
 def _invalidated(repo) -> set[str]:

@@ -18,6 +18,7 @@ from cqa_rlhf.errors import ConfigError
 
 from cqa_rlhf.batches import pad_rows
 from cqa_rlhf.config import SampleConfig
+from cqa_rlhf.exact_math import log as exact_log
 from cqa_rlhf.models import eval_mode
 from cqa_rlhf.progress import bar
 from cqa_rlhf.prompts import PromptFormatter
@@ -63,9 +64,10 @@ def row_seed(seed: int, question: str, index: int) -> int:
 
 
 def gumbel_noise(n: int, seed: int) -> torch.Tensor:
-    """``n`` standard Gumbel draws, -log(-log U), from a generator seeded with ``seed``."""
+    """``n`` standard Gumbel draws, -log(-log U), from a generator seeded with ``seed`` (the
+    logarithm :func:`~cqa_rlhf.exact_math.log`: the same draws on every CPU)."""
     u = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return -torch.log(-torch.log(u.clamp(min=1e-300))).float()
+    return -exact_log(-exact_log(u.clamp(min=1e-300))).float()
 
 
 def step_noise(seeds: Sequence[int], step: int, vocab: int) -> torch.Tensor:

@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from cqa_rlhf.exact_math import sqrt, std
+
 Estimator = Literal["grpo", "rloo"]
 Scale = Literal["group", "batch", "none"]
 
@@ -42,7 +44,7 @@ def group_advantages(rewards: torch.Tensor, estimator: Estimator = "grpo", scale
     if scale == "none":
         return adv
     if scale == "group":
-        return adv / (rewards.std(1, keepdim=True) + eps)
+        return adv / (std(rewards, 1, keepdim=True) + eps)
     if scale == "batch":
         return adv / (batch_std(rewards, all_sum) + eps)
     raise ValueError(f"unknown scale_rewards {scale!r}")
@@ -54,7 +56,7 @@ def batch_std(x: torch.Tensor, all_sum: Callable[[torch.Tensor], torch.Tensor] |
     sums = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)])
     s, sq, n = all_sum(sums) if all_sum is not None else sums
     var = (sq - s * s / n) / (n - 1).clamp(min=1)
-    return var.clamp(min=0).sqrt()
+    return sqrt(var.clamp(min=0))
 
 
 def zero_std_share(rewards: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cqa_rlhf.config import GRPOConfig
+from cqa_rlhf.exact_math import std
 from cqa_rlhf.generation import row_seed
 from cqa_rlhf.group_math import group_advantages, zero_std_share
 from cqa_rlhf.online import OnlineRLModule, shape_scores
@@ -86,6 +87,6 @@ class GRPOModule(OnlineRLModule):
     def _log_iteration(self, rollout: Rollout, groups: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         """One row per iteration; ``groups`` [N, G] the shaped scores."""
         self.log_iteration({
-            "reward": groups.mean(), "reward_std": groups.std(1).mean(), "frac_reward_zero_std": zero_std_share(groups),
+            "reward": groups.mean(), "reward_std": std(groups, 1).mean(), "frac_reward_zero_std": zero_std_share(groups),
             "raw_reward": rollout.raw_scores.mean(), "completions/mean_length": rollout.seq.mask.sum(1).mean(),
             "completions/clipped_ratio": (~rollout.ended).float().mean(), **stats}, len(rollout.gens))

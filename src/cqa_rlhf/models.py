@@ -34,6 +34,7 @@ from transformers import (
 
 from cqa_rlhf.config import LoraConfig, ModelConfig
 from cqa_rlhf.errors import DataError
+from cqa_rlhf.exact_math import use_thread_free_layer_norms
 
 Kind = Literal["causal", "reward", "value"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -97,11 +98,14 @@ def _load(auto, source: str | None, model: ModelConfig, tokenizer: PreTrainedTok
     """``auto.from_pretrained(source)`` (safetensors, no remote code), or a fresh model."""
     dtype = _DTYPES[model.dtype]
     if source is not None:
-        return auto.from_pretrained(source, use_safetensors=True, dtype=dtype, trust_remote_code=False, **kwargs)
+        loaded = auto.from_pretrained(source, use_safetensors=True, dtype=dtype, trust_remote_code=False, **kwargs)
+        # (model, loading info) when kwargs ask for it; LayerNorm gradients free of the thread count
+        use_thread_free_layer_norms(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
     config = fresh_config(model, tokenizer)
     for key, value in kwargs.items():
         setattr(config, key, value)
-    return auto.from_config(config).to(dtype)
+    return use_thread_free_layer_norms(auto.from_config(config).to(dtype))
 
 
 def _load_reward(source: str | None, model: ModelConfig,

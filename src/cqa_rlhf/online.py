@@ -155,8 +155,7 @@ class OnlineRLModule(HarnessModule):
                     for k, v in backward(minibatch[m0: m0 + cfg.micro_batch_size], weight).items():
                         stats[k].append(v)
                 if cfg.optim.gradient_clip_val > 0:
-                    self.clip_gradients(opt, gradient_clip_val=cfg.optim.gradient_clip_val,
-                                        gradient_clip_algorithm="norm")
+                    self.clip_to(opt, cfg.optim.gradient_clip_val)
                 opt.step()
                 sched.step()
         return {k: torch.stack(v).mean() for k, v in stats.items()}

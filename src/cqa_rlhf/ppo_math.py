@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from cqa_rlhf.exact_math import sqrt
+
 KLEstimator = Literal["k1", "k3"]
 
 
@@ -59,7 +61,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
         mean = sums[0] / n
         var = all_sum(((x - mean) ** 2 * m).sum()) / n
         var = var * n / (n - 1) if sums[1] >= 2 else torch.zeros_like(var)
-    white = (x - mean) * torch.rsqrt(var + eps)
+    white = (x - mean) / sqrt(var + eps)
     if not shift_mean:
         white = white + mean
     return white * mask.to(x.dtype)

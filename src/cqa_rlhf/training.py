@@ -1,6 +1,7 @@
 """The one Lightning training harness shared by every training stage (SFT, reward models, PPO).
 
-What every training stage gets from here: AdamW without weight decay on biases and LayerNorms,
+What every training stage gets from here: AdamW (:mod:`cqa_rlhf.optim`, correctly rounded) without
+weight decay on biases and LayerNorms, gradient-norm clipping with a CPU- and thread-independent norm,
 linear warmup (a fraction of the steps) then linear decay (the stage's ``optim`` section),
 precision/devices/strategy from the shared ``trainer`` section, the fit loop its module asks for
 (:class:`~cqa_rlhf.config.Loop`), best-checkpoint selection on a named metric, optional early
@@ -30,7 +31,9 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 
 from cqa_rlhf.config import FreezeConfig, Loop, OptimConfig, TrainConfig, TrainerConfig
 from cqa_rlhf.errors import ConfigError, CqaError
+from cqa_rlhf.exact_math import clip_grad_norm
 from cqa_rlhf.io import hash_paths, replace_dir, staging_dir, write_json_atomic, write_text_atomic
+from cqa_rlhf.optim import AdamW
 from cqa_rlhf.progress import progress_enabled, quiet
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -129,10 +132,26 @@ class HarnessModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim
-        opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+        opt = AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
         total = int(self.trainer.estimated_stepping_batches)
         sched = get_linear_schedule_with_warmup(opt, round(cfg.warmup_frac * total), max(total, 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's hook (automatic optimisation): :meth:`clip_to`, by norm."""
+        if gradient_clip_val:
+            self.clip_to(optimizer, gradient_clip_val)
+
+    def clip_to(self, optimizer, max_norm: float) -> None:
+        """Clip the gradients' total norm to ``max_norm`` with a norm that every CPU and thread count
+        computes alike (:func:`~cqa_rlhf.exact_math.clip_grad_norm`). DeepSpeed and sharded
+        strategies hold no whole gradients here: Lightning's own clipping."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if shards_weights(self.trainer.strategy) or isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        else:
+            clip_grad_norm(self.model.parameters(), max_norm)
 
     def on_fit_start(self) -> None:
         # Trained in train mode, with the dropout its config asks for (a model loaded with
