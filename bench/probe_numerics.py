@@ -46,7 +46,18 @@ def ops(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "sum (whole)": sym.sum().reshape(1), "fixed_order_sum": exact_math.fixed_order_sum(sym.double()).reshape(1),
         "linalg.vector_norm": torch.linalg.vector_norm(sym).reshape(1),
         "exact_math.grad_norm": torch.tensor([exact_math.grad_norm([_with_grad(sym)])], dtype=torch.float64),
+        **draws(pos.numel()),
     }
+
+
+def draws(n: int) -> dict[str, torch.Tensor]:
+    """Weight initialisation and sampling: normal (Box-Muller), uniform, multinomial, bernoulli."""
+    g = torch.Generator().manual_seed(11)
+    probs = torch.softmax(torch.arange(864, dtype=torch.float32) / 97.0, -1).expand(max(n // 864, 1), 864)
+    return {"randn": torch.randn(n, generator=g), "normal_": torch.empty(n).normal_(0.0, 0.02, generator=g),
+            "rand f64": torch.rand(n, generator=g, dtype=torch.float64),
+            "multinomial": torch.multinomial(probs, 1, generator=g).float(),
+            "bernoulli_": torch.empty(n).bernoulli_(0.1, generator=g)}
 
 
 def _with_grad(g: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ deviation across seeds in bench/seed_sd.json (the tolerances of scripts/check_re
     python bench/seed_study.py --seeds 0 1 2 3 4       # about 16 minutes a seed on 2 cores
     python bench/seed_study.py --with-committed --seeds 1 2 3 4   # the committed run as seed 0
     python bench/seed_study.py --summarize             # the tables again from bench/seed_study.json
+    python bench/seed_study.py --with-committed --seeds 1 2 3 4 --resume   # after an interruption:
+                                                       # keeps the seeds recorded at this commit, runs the rest
 """
 
 from __future__ import annotations
@@ -132,8 +134,16 @@ def main() -> None:
     ap.add_argument("--summarize", action="store_true", help="only summarise bench/seed_study.json")
     ap.add_argument("--with-committed", action="store_true",
                     help="count the committed metrics (params.yaml's seed) as one seed, without rerunning it")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs bench/seed_study.json holds for this commit; run only the seeds it lacks")
     args = ap.parse_args()
     runs = json.loads(RESULTS.read_text())["runs"] if args.summarize else []
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if args.resume and RESULTS.is_file() and json.loads(RESULTS.read_text()).get("commit") == head:
+        runs = [r for r in json.loads(RESULTS.read_text())["runs"] if not r.get("committed")]
+        done = {r["seed"] for r in runs}
+        args.seeds = [s for s in args.seeds if s not in done]
+        print(f"resuming at {head}: seeds {sorted(done)} kept, {args.seeds} to run", flush=True)
     if args.with_committed and not args.summarize:
         import yaml
 
@@ -141,7 +151,6 @@ def main() -> None:
                      "metrics": {f"metrics/{p.name}:{k}": v for p in sorted((ROOT / "metrics").glob("*.json"))
                                  for k, v in flatten(json.loads(p.read_text())).items()}})
     if not args.summarize:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         with tempfile.TemporaryDirectory() as tmp:
             for seed in args.seeds:
                 runs.append(run_seed(seed, Path(tmp)))
