@@ -7,6 +7,7 @@ tests/test_golden.py.)"""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -115,10 +116,17 @@ def test_malformed_thread_count_is_a_one_line_error(prepared):
     assert not (prepared / "never3").exists()
 
 
-def _probe(src: Path) -> subprocess.CompletedProcess:
+def _probe(src: Path, bare: bool = False) -> subprocess.CompletedProcess:
+    """Import the package from ``src`` and check the pin. ``bare``: the base interpreter with the
+    venv's packages on PYTHONPATH, so the editable install's .pth (which would put the workspace's
+    src, shim and all, on sys.path) is not read: no build of the shim is reachable."""
+    import site
+
     code = "import cqa_rlhf, torch; from cqa_rlhf import numerics; print(numerics._shim_loaded); numerics.check(); print('ok')"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**stage_env(), "PYTHONPATH": str(src), "CQA_NUMERICS": "pinned"})
+    python = os.path.realpath(sys.executable) if bare else sys.executable
+    path = f"{src}{os.pathsep}{site.getsitepackages()[0]}" if bare else str(src)
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**stage_env(), "PYTHONPATH": path, "CQA_NUMERICS": "pinned"})
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="the pinned numbers need an x86-64 CPU with AVX2")
@@ -132,7 +140,7 @@ def test_vendor_shim_makes_mkl_honour_the_strict_branch_and_the_guard_refuses_wi
     assert with_shim.returncode == 0 and with_shim.stdout.split() == ["True", "ok"], with_shim.stderr[-2000:]
     bare = tmp_path / "src"
     shutil.copytree(Path(cqa_rlhf.__file__).parent, bare / "cqa_rlhf", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    without = _probe(bare)
+    without = _probe(bare, bare=True)
     if VENDOR == "GenuineIntel":
         assert without.returncode == 0 and without.stdout.split() == ["False", "ok"], without.stderr[-2000:]
         return

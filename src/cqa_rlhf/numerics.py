@@ -87,13 +87,16 @@ def pin_environment() -> None:
 
 
 def _load_shim() -> bool:
-    """Load ``cqa_rlhf._mkl_intel`` into the global symbol scope; False if it was not built."""
-    here = Path(__file__).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        lib = here / f"_mkl_intel{suffix}"
-        if lib.is_file():
-            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-            return True
+    """Load ``cqa_rlhf._mkl_intel`` into the global symbol scope; False if no build of it is found.
+    Beside this file first; then any ``cqa_rlhf`` on ``sys.path`` (a clone run with
+    ``PYTHONPATH=src`` and the venv of another checkout: every build of the one function is alike)."""
+    dirs = [Path(__file__).parent, *(Path(p) / "cqa_rlhf" for p in sys.path if p)]
+    for folder in dirs:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            lib = folder / f"_mkl_intel{suffix}"
+            if lib.is_file():
+                ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+                return True
     return False
 
 
