@@ -27,6 +27,7 @@ from pathlib import Path
 from seed_study import timed_run  # the same stage timing as the seed study (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "pin_cost.json"  # the last run's stage times, as data
 MODES = ("free", "pinned")
 
 
@@ -35,6 +36,20 @@ def repro(clone: Path, mode: str) -> dict[str, float]:
     env = {**os.environ, "CQA_NUMERICS": mode, "CQA_PROGRESS": "0"}
     stages, total = timed_run([sys.executable, "-m", "dvc", "repro"], clone, env)
     return {**stages, "total": total}
+
+
+def table(stages: dict[str, dict[str, float]]) -> str:
+    """Seconds per stage for the modes that ran (and pinned / free when both did)."""
+    modes = [m for m in MODES if m in stages]
+    names = dict.fromkeys(n for m in modes for n in stages[m])
+    rows = ["| stage | " + " | ".join(f"{m} (s)" for m in modes) + (" | pinned / free |" if len(modes) == 2 else " |"),
+            "|---" * (len(modes) + 1 + (len(modes) == 2)) + "|"]
+    for n in names:
+        cells = [f"{stages[m].get(n, float('nan')):.1f}" for m in modes]
+        if len(modes) == 2:
+            cells.append(f"{stages['pinned'].get(n, float('nan')) / stages['free'].get(n, float('nan')):.2f}")
+        rows.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def bench_lines(cmd: list[str], cwd: Path, mode: str) -> list[str]:
@@ -75,10 +90,9 @@ def main() -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     print(f"\n{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores\n")
-    print("| stage | free (s) | pinned (s) | pinned / free |\n|---|---|---|---|")
-    for name in stages["free"]:
-        f, p = stages["free"][name], stages["pinned"].get(name, float("nan"))
-        print(f"| {name} | {f:.1f} | {p:.1f} | {p / f:.2f} |")
+    print(table(stages))
+    OUT.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu": cpu, "cores": os.cpu_count(),
+                               "stage_s": stages}, indent=1) + "\n")
     for mode in steps:
         print(f"\nSFT step, {mode}:\n" + "\n".join(steps[mode]) + f"\n\nPPO phases, {mode}:\n" + "\n".join(ppo[mode]))
 
