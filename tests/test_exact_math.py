@@ -54,6 +54,8 @@ def test_sqrt_fixes_what_a_one_ulp_guess_gets_wrong():
 def test_sqrt_of_other_dtypes():
     x64 = torch.tensor([2.0, 9.0], dtype=torch.float64)
     assert exact_math.sqrt(x64).tolist() == [math.sqrt(2.0), 3.0]
+    scalar = exact_math.sqrt(torch.tensor(2.0, dtype=torch.float64))  # 0-d stays a 0-d tensor
+    assert scalar.shape == () and scalar.dtype == torch.float64 and scalar.item() == math.sqrt(2.0)
     bf = torch.tensor([2.0, 16.0], dtype=torch.bfloat16)
     assert exact_math.sqrt(bf).dtype == torch.bfloat16 and exact_math.sqrt(bf).tolist() == [1.4140625, 4.0]
     with pytest.raises(TypeError, match="float tensor"):

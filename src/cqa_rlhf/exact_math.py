@@ -81,7 +81,7 @@ def log(x: torch.Tensor) -> torch.Tensor:
 def _numpy_sqrt(a):
     import numpy as np
 
-    return np.sqrt(a)
+    return np.asarray(np.sqrt(a))  # a 0-d array's root comes back as a NumPy scalar
 
 
 def std(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
