@@ -11,8 +11,8 @@ Float results depend on which kernels run, and the libraries pick kernels by the
   qemu give one GEMM hash; bench/RESULTS.md, "Exact on every x86 CPU").
 - ATen's vectorised kernels (softmax, layer norm, sums, sampling) use AVX-512 where the CPU has it;
   ``ATEN_CPU_CAPABILITY=avx2`` selects the AVX2 build of the same kernels.
-- oneDNN's matmuls (which ATen prefers for batched products) split the contraction over threads:
-  switched off under the pin, so every matmul is MKL's.
+- oneDNN's matmuls (which ATen prefers for batched products) lie outside MKL's reproducibility
+  guarantee: switched off under the pin, so every matmul is MKL's (no measured cost).
 - Square roots, whole-tensor sums, layer norms' weight gradients and softmax's gradient are not
   covered by either (their bits follow the CPU or the thread count): the project computes them
   itself (:mod:`cqa_rlhf.exact_math`; the softmax gradient replaces ATen's CPU kernel under the pin).
@@ -148,8 +148,8 @@ def check() -> dict[str, str]:
     import torch
 
     torch.set_num_threads(threads())  # torch caps OMP_NUM_THREADS at the core count; this it honours
-    # oneDNN's batched matmul (attention's q k^T and its gradients) splits the contraction over
-    # threads, so its bits follow the thread count; without it ATen calls MKL's GEMMs (STRICT).
+    # oneDNN's batched matmul (attention's q k^T and its gradients) is outside MKL's CNR
+    # guarantee; without it ATen calls MKL's GEMMs (STRICT) for every product.
     torch.backends.mkldnn.enabled = False
     from cqa_rlhf.exact_math import install_softmax_backward
 
