@@ -6,7 +6,8 @@ the first seed runs the whole graph from nothing (a fresh-clone run: its metrics
 byte for byte against the committed ones when it is the committed seed), the next ones restore
 the seed-independent stages (synth, data, tokenizer) from DVC's run-cache. Per seed it records
 every metric and the wall time; then mean ± sd and min/max of the headline metrics, on how many
-seeds each of PPO, DPO and GRPO beats SFT (``METHODS``), and, for every metric, its standard
+seeds each method (PPO, DPO, GRPO, online DPO, Best-of-16) beats SFT (``METHODS``) and online DPO
+beats offline DPO, and, for every metric, its standard
 deviation across seeds in bench/seed_sd.json (the tolerances of scripts/check_repro.py).
 
     python bench/seed_study.py --seeds 0 1 2 3 4       # about 16 minutes a seed on 2 cores
@@ -55,8 +56,21 @@ HEADLINE = {
     "answer length, PPO (tokens)": "metrics/eval_ppo.json:mean_tokens",
     "GRPO KL to SFT (test questions)": "metrics/eval_grpo.json:kl_to_reference",
     "answer length, GRPO (tokens)": "metrics/eval_grpo.json:mean_tokens",
+    "online DPO vs SFT win rate, gold": "metrics/compare.json:online_dpo_vs_sft.win_rate.gold",
+    "Best-of-16 vs SFT win rate, gold": "metrics/compare.json:bon_vs_sft.win_rate.gold",
+    "oracle Best-of-16 vs SFT win rate, gold": "metrics/compare.json:bon_oracle_vs_sft.win_rate.gold",
+    "gold: online DPO": "metrics/eval_online_dpo.json:gold",
+    "gold: Best-of-16": "metrics/eval_bon.json:best_of_n.gold",
+    "online DPO KL to SFT (test questions)": "metrics/eval_online_dpo.json:kl_to_reference",
+    "answer length, online DPO (tokens)": "metrics/eval_online_dpo.json:mean_tokens",
+    "answer length, Best-of-16 (tokens)": "metrics/eval_bon.json:best_of_n.mean_tokens",
+    "Best-of-N gold gain, best over N (overopt)": "metrics/overopt.json:bon.gold_gain_best",
 }
-METHODS = {"PPO": "ppo", "DPO": "dpo", "GRPO": "grpo"}
+# method -> (its gold, its name in compare.json); the oracle is not a method and is not counted
+METHODS = {"PPO": ("metrics/eval_ppo.json:gold", "ppo"), "DPO": ("metrics/eval_dpo.json:gold", "dpo"),
+           "GRPO": ("metrics/eval_grpo.json:gold", "grpo"),
+           "online DPO": ("metrics/eval_online_dpo.json:gold", "online_dpo"),
+           "Best-of-16": ("metrics/eval_bon.json:best_of_n.gold", "bon")}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -118,11 +132,13 @@ def summarize(runs: list[dict]) -> str:
         lines.append(f"| {label} | {statistics.mean(vals):.4g} ± {statistics.stdev(vals):.2g} | {min(vals):.4g} | "
                      f"{max(vals):.4g} | {', '.join(f'{v:.4g}' for v in vals)} |")
     lines.append("")
-    for label, policy in METHODS.items():
-        beats = [r["metrics"][f"metrics/eval_{policy}.json:gold"] > r["metrics"]["metrics/eval_sft.json:gold"] for r in runs]
+    for label, (gold, policy) in METHODS.items():
+        beats = [r["metrics"][gold] > r["metrics"]["metrics/eval_sft.json:gold"] for r in runs]
         above = [r["metrics"][f"metrics/compare.json:{policy}_vs_sft.win_rate_ci95.gold.low"] > 0.5 for r in runs]
         lines.append(f"{label}'s mean gold above SFT's: {sum(beats)} of {len(runs)} seeds; gold win rate's 95% "
                      f"interval above 0.5: {sum(above)} of {len(runs)} seeds.")
+    online = [r["metrics"]["metrics/eval_online_dpo.json:gold"] > r["metrics"]["metrics/eval_dpo.json:gold"] for r in runs]
+    lines.append(f"online DPO's mean gold above offline DPO's: {sum(online)} of {len(runs)} seeds.")
     lines += ["Wall time per seed (s): " + ", ".join(f"seed {r['seed']} {r['wall_s']:.0f} ({len(r['stage_s'])} stages run)"
                                                      for r in runs if "wall_s" in r)]
     return "\n".join(lines)

@@ -47,7 +47,9 @@ def main() -> int:
                     stale.append(f"{stage}: changed command")
                 continue
             for path, status in entry.get("changed deps", {}).items():
-                if status in STALE:
+                if isinstance(status, dict):  # a params file: {param: new | modified | deleted}
+                    stale.extend(f"{stage}: param {key} ({path}) {s}" for key, s in status.items())
+                elif status in STALE:
                     stale.append(f"{stage}: {path} {status}")
             for key, status in entry.get("changed params", {}).items() if isinstance(entry.get("changed params"), dict) else []:
                 stale.append(f"{stage}: param {key} {status}")

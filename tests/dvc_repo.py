@@ -15,9 +15,9 @@ import yaml
 from conftest import ROOT, built_once, init_dvc_repo, stage_env
 
 REWARD = {"reward@regression", "reward@classification"}
-METHODS = {"ppo", "dpo", "grpo"}
-EVAL = {"evaluate@base", "evaluate@sft", "evaluate@ppo", "evaluate@dpo", "evaluate@grpo"}
-ALL = {"synth", "data", "tokenizer", "sft", *REWARD, *METHODS, "base", *EVAL, "compare"}
+METHODS = {"ppo", "dpo", "grpo", "online_dpo"}
+EVAL = {"evaluate@base", "evaluate@sft", "evaluate@ppo", "evaluate@dpo", "evaluate@grpo", "evaluate@online_dpo"}
+ALL = {"synth", "data", "tokenizer", "sft", *REWARD, *METHODS, "base", *EVAL, "bon", "overopt", "compare"}
 
 
 def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -58,6 +58,11 @@ def _make_repo(r: Path) -> Path:
     params["grpo"].update(iterations=2, rollout_batch_size=2, num_generations=4, mini_batch_size=8, micro_batch_size=8,
                           eval_every=2, eval_prompts=8, samples_every=2, max_prompt_length=48, max_length=96,
                           sample={"max_new_tokens": 12, "batch_size": 8})
+    params["online_dpo"].update(iterations=2, rollout_batch_size=4, num_generations=2, mini_batch_size=4,
+                                micro_batch_size=4, eval_every=2, eval_prompts=8, samples_every=2, max_prompt_length=48,
+                                max_length=96, sample={"max_new_tokens": 12, "batch_size": 8})
+    params["bon"].update(n=4)
+    params["overopt"].update(prompts=4, pool=4)
     params["evaluate"].update(max_questions=8, max_prompt_length=48, max_length=96,
                               sample={"max_new_tokens": 12, "batch_size": 8})
     (r / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

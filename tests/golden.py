@@ -19,10 +19,10 @@ from pathlib import Path
 import yaml
 
 GOLDEN = Path(__file__).with_name("golden.json")
-MODELS = ("sft", "reward/regression", "reward/classification", "ppo", "dpo", "grpo")
+MODELS = ("sft", "reward/regression", "reward/classification", "ppo", "dpo", "grpo", "online_dpo")
 # Metrics of every stage that trains or evaluates; compare.json and the leaderboard also hold wall times.
-METRICS = ("data", "sft", "reward_regression", "reward_classification", "ppo", "dpo", "grpo",
-           "eval_base", "eval_sft", "eval_ppo", "eval_dpo", "eval_grpo")
+METRICS = ("data", "sft", "reward_regression", "reward_classification", "ppo", "dpo", "grpo", "online_dpo",
+           "eval_base", "eval_sft", "eval_ppo", "eval_dpo", "eval_grpo", "eval_online_dpo", "eval_bon", "overopt")
 
 
 def sha256(path: Path) -> str:

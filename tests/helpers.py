@@ -47,3 +47,22 @@ def tiny_params(work: Path, **sft) -> dict:
                 "max_length": 96, "max_epochs": -1, "max_steps": 30, "val_check_interval": 10, "optim": {"lr": 3e-3},
                 "sample": {"n": 8, "max_new_tokens": 24, "batch_size": 8}, **sft},
     }
+
+
+def cpu_flags() -> str:
+    """The CPU's flags (/proc/cpuinfo), space-padded so that `" avx2 " in cpu_flags()` works."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return " " + text.replace("\n", " ") + " "
+
+
+# Two code paths through the very variables the numeric pin overrides: the CPU's best ATen kernels
+# with MKL's automatic dispatch on 3 threads, against ATen's generic kernels, another MKL branch
+# and one thread (what an older CPU or another core count would run). CQA_THREADS is the pin's own
+# count. Under the pin both give the golden bits (test_golden); free, they differ (test_numerics).
+CODE_PATHS = {
+    "best": {"ATEN_CPU_CAPABILITY": "avx512" if " avx512f " in cpu_flags() else "avx2",
+             "MKL_CBWR": "AUTO", "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3", "CQA_THREADS": "3"},
+    "generic": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "SSE4_2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                "CQA_THREADS": "1"},
+}
+

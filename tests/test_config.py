@@ -205,7 +205,9 @@ def test_top_level_seed_is_every_training_and_sampling_stage_seed(tmp_path):
     assert p.section("base", SECTIONS["base"]).seed == p.section("evaluate", SECTIONS["evaluate"]).seed == 7
     # the data stay the data: the same questions under every seed
     assert p.section("synth", SynthConfig).seed == 1234 and p.section("data", DataConfig).split_seed == 0
-    assert seeded({})["sft"]["seed"] == 0 and len(SEEDED) == 8
+    for section in ("online_dpo", "bon", "overopt"):
+        assert p.section(section, SECTIONS[section]).seed == 7, section
+    assert seeded({})["sft"]["seed"] == 0 and len(SEEDED) == 11
 
 
 @pytest.mark.parametrize("text, key", [("seed: 1\nsft:\n  seed: 2\n", "sft.seed"),

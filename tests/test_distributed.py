@@ -19,6 +19,7 @@ import math
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
@@ -222,8 +223,10 @@ def test_ppo_on_two_processes_matches_one_and_exports_what_every_rank_holds(tmp_
     d1, d2 = tmp_path / "d1/model", tmp_path / "d2/model"
     assert _max_weight_diff(d1 / "model.safetensors", d2 / "model.safetensors") < 0.05 * lr
     assert _max_weight_diff(d1 / "value_head.safetensors", d2 / "value_head.safetensors") < 0.05 * lr
-    for name in ("iteration_0002.csv", "iteration_0004.csv"):  # held-out samples: the same answers
-        assert (d1.parent / "live/samples" / name).read_text() == (d2.parent / "live/samples" / name).read_text()
+    for name in ("iteration_0000.csv", "iteration_0002.csv", "iteration_0004.csv"):  # held-out: the same answers
+        one_rows, two_rows = (pd.read_csv(d / "live/samples" / name) for d in (d1.parent, d2.parent))
+        assert one_rows.drop(columns="kl").equals(two_rows.drop(columns="kl")), name
+        assert one_rows["kl"].to_numpy() == pytest.approx(two_rows["kl"].to_numpy(), abs=2e-4), name  # a sum of ~16 log-prob differences
     assert _files(tmp_path / "d1") == _files(tmp_path / "d2")
     # Every rank ended with the weights whose digest rank 0 printed; the export is those weights.
     policy = CausalLMWithValueHead(AutoModelForCausalLM.from_pretrained(d2))
@@ -277,30 +280,37 @@ def test_dpo_on_two_processes_matches_one(tmp_path, prepared, rlhf_inputs):
     assert _files(tmp_path / "d1") == _files(tmp_path / "d2")
 
 
-def test_grpo_on_two_processes_matches_one(tmp_path, prepared, rlhf_inputs):
-    """Each answer is drawn from its own seed (iteration, question, index), so both runs roll out
-    the same answers; groups live on one rank, losses are token means over the global minibatch."""
-    lr = 2e-3
+ONLINE = {  # method -> (its own params, given the prompts a process rolls out; its reward curve)
+    "grpo": (lambda batch: {"num_generations": 4, "mini_batch_size": 4 * batch, "micro_batch_size": 4,
+                            "grpo_epochs": 2}, "reward"),
+    "online_dpo": (lambda batch: {"num_generations": 4, "mini_batch_size": batch, "micro_batch_size": 1,
+                                  "dpo_epochs": 2}, "objective/scores"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(ONLINE))
+def test_group_methods_on_two_processes_match_one(tmp_path, prepared, rlhf_inputs, method):
+    """GRPO and online DPO: each answer is drawn from its own seed (iteration, question, index),
+    so both runs roll out the same answers; groups (and so pairs) live on one rank, losses are
+    means over the global minibatch (tokens for GRPO, valid pairs for online DPO)."""
+    lr, (own, curve) = 2e-3, ONLINE[method]
     for devices, batch in ((1, 4), (2, 2)):
         work = tmp_path / f"d{devices}"
         params = tiny_params(prepared)
-        params["grpo"] = _outs(work, {
+        params[method] = _outs(work, {
             "data": str(prepared / "prepared"), "sft_dir": str(rlhf_inputs / "sft"),
-            "reward_model": str(rlhf_inputs / "rm"), "iterations": 4, "rollout_batch_size": batch, "num_generations": 4,
-            "mini_batch_size": 4 * batch, "micro_batch_size": 4, "grpo_epochs": 2,
+            "reward_model": str(rlhf_inputs / "rm"), "iterations": 4, "rollout_batch_size": batch, **own(batch),
             "optim": {"lr": lr, "weight_decay": 0.0, "warmup_frac": 0.0}, "max_prompt_length": 48, "max_length": 96,
             "sample": {"max_new_tokens": 16, "batch_size": 16}, "eval_every": 2, "eval_prompts": 16, "samples_every": 2,
             "trainer": {"log_every_n_steps": 1}})
-        _run("grpo", params, work, devices)
+        _run(method, params, work, devices)
     one, two = (json.loads((tmp_path / f"d{d}" / "metrics.json").read_text()) for d in (1, 2))
     sft_weights = rlhf_inputs / "sft" / "model.safetensors"
     assert _max_weight_diff(sft_weights, tmp_path / "d1/model/model.safetensors") > lr
     assert abs(one["final"]["kl"]) > 0.05
     _close(one, two, rel=1e-3)
     assert _max_weight_diff(tmp_path / "d1/model/model.safetensors", tmp_path / "d2/model/model.safetensors") < 0.05 * lr
-    for d in ("d1", "d2"):  # the same rollouts: the per-iteration reward curves agree
-        assert (tmp_path / d / "live/plots/metrics/reward.tsv").is_file()
-    r1, r2 = ([float(x.split("\t")[1]) for x in (tmp_path / d / "live/plots/metrics/reward.tsv").read_text().splitlines()[1:]]
-              for d in ("d1", "d2"))
-    assert r1 == pytest.approx(r2, rel=1e-4)
+    r1, r2 = ([float(x.split("\t")[1]) for x in (tmp_path / d / f"live/plots/metrics/{curve}.tsv").read_text().splitlines()[1:]]
+              for d in ("d1", "d2"))  # the same rollouts: the per-iteration reward curves agree
+    assert len(r1) == 4 and r1 == pytest.approx(r2, rel=1e-4)
     assert _files(tmp_path / "d1") == _files(tmp_path / "d2")

@@ -4,6 +4,7 @@ setup, and the answer command."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ def test_reference_overlap():
 
 @pytest.fixture(scope="module")
 def evaluated(prepared_session, rlhf_inputs, tmp_path_factory) -> tuple[Path, dict]:
-    """base, evaluate@base, evaluate@sft (both reward models = the tiny one), compare."""
+    """base, evaluate@base, evaluate@sft (both reward models = the tiny one), bon (N = 4), compare."""
     work = tmp_path_factory.mktemp("eval")
     params = tiny_params(prepared_session)
     params["base"] = {"out": str(work / "base")}
@@ -40,9 +41,11 @@ def evaluated(prepared_session, rlhf_inputs, tmp_path_factory) -> tuple[Path, di
         "sample": {"max_new_tokens": 24, "batch_size": 16}}
     params["compare"] = {"baseline": "base", "methods": {"sft": "sft"}, "metrics": str(work / "metrics" / "compare.json"),
                          "plot": str(work / "metrics" / "compare.csv"), "table": str(work / "metrics" / "leaderboard.md")}
+    params["bon"] = {"policy": str(rlhf_inputs / "sft"), "n": 4, "reward_model": "classification",
+                     "out": str(work / "eval" / "bon"), "metrics": str(work / "metrics" / "eval_bon.json")}
     params["sft"]["live_dir"] = str(rlhf_inputs / "sft_live")  # the SFT stage's wall time is there
     for stage, args in (("base", ()), ("evaluate", ("--policy", "base")), ("evaluate", ("--policy", "sft")),
-                        ("compare", ())):
+                        ("bon", ()), ("compare", ())):
         proc = run_stage(stage, params, work, args=args)
         assert proc.returncode == 0, proc.stderr
     return work, params
@@ -87,7 +90,7 @@ def test_compare_is_a_leaderboard_with_win_rates_by_judge(evaluated):
         assert 0.0 <= c["win_rate_ci95"][judge]["low"] and c["win_rate_ci95"][judge]["high"] <= 1.0
     plot = pd.read_csv(work / "metrics" / "compare.csv")
     assert list(plot.columns) == ["comparison", "win_rate", "ci_low", "ci_high"]
-    assert set(plot["comparison"]) == {"sft: classification", "sft: gold"}
+    assert set(plot["comparison"]) == {f"{p}: {j}" for p in ("sft", "bon", "bon_oracle") for j in ("classification", "gold")}
     assert (plot["ci_low"] <= plot["win_rate"]).all() and (plot["win_rate"] <= plot["ci_high"]).all()
 
 
@@ -145,13 +148,44 @@ def test_reward_model_without_normalisation_is_one_line_in_evaluate(evaluated, t
 def test_stage_run_in_process_returns_what_the_stage_writes(evaluated, tmp_path):
     """A stage's typed run(...) is callable from Python: compare in-process writes and returns the
     same metrics as the subprocess run of the fixture."""
-    from cqa_rlhf.config import CompareConfig, EvaluateConfig
+    from cqa_rlhf.config import BoNConfig, CompareConfig, EvaluateConfig
     from cqa_rlhf.stages import compare
 
     work, params = evaluated
     cfg = CompareConfig.model_validate({**params["compare"], "metrics": str(tmp_path / "c.json"),
                                         "plot": str(tmp_path / "c.csv"), "table": str(tmp_path / "c.md")})
-    metrics = compare.run(cfg, EvaluateConfig.model_validate(params["evaluate"]), {"sft": params["sft"]["live_dir"]})
+    metrics = compare.run(cfg, EvaluateConfig.model_validate(params["evaluate"]), {"sft": params["sft"]["live_dir"]},
+                          BoNConfig.model_validate(params["bon"]))
     assert metrics == json.loads((work / "metrics" / "compare.json").read_text())
     assert (tmp_path / "c.json").read_text() == (work / "metrics" / "compare.json").read_text()
     assert (tmp_path / "c.csv").read_text() == (work / "metrics" / "compare.csv").read_text()
+
+
+def test_best_of_n_picks_the_reward_models_best_and_the_oracle_golds_best(evaluated):
+    work, _ = evaluated
+    m = json.loads((work / "metrics" / "eval_bon.json").read_text())
+    assert m["n"] == 4 and m["kl_bound"] == pytest.approx(math.log(4) - 0.75, abs=1e-6)
+    bon = pd.read_parquet(work / "eval" / "bon" / "generations.parquet")
+    oracle = pd.read_parquet(work / "eval" / "bon" / "oracle" / "generations.parquet")
+    sft = pd.read_parquet(work / "eval" / "sft" / "generations.parquet")
+    assert list(bon["question"]) == list(oracle["question"]) == list(sft["question"])  # the same test questions
+    # both picked from the same 4 answers to each question: each is best by its own judge
+    assert (oracle["gold"] >= bon["gold"]).all() and (bon["score_classification"] >= oracle["score_classification"]).all()
+    assert ((bon["kl"] >= 0) & (bon["kl"] <= m["kl_bound"] + 1e-9)).all()
+    assert m["best_of_n"]["gold"] == pytest.approx(bon["gold"].mean(), abs=1e-6)
+    assert m["oracle"]["gold"] >= m["best_of_n"]["gold"]
+    c = json.loads((work / "metrics" / "compare.json").read_text())
+    assert {"bon_vs_base", "bon_oracle_vs_base"} <= set(c) and c["oracles"] == ["bon_oracle"]
+    assert "| bon_oracle (oracle: not a method) |" in (work / "metrics" / "leaderboard.md").read_text()
+
+
+def test_best_of_n_with_an_unknown_reward_model_is_one_line(evaluated, tmp_path):
+    _, params = evaluated
+    bad = json.loads(json.dumps(params))
+    bad["bon"].update(reward_model="helpfulness", out=str(tmp_path / "bon"), metrics=str(tmp_path / "bon.json"))
+    proc = run_stage("bon", bad, tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("error: bon.reward_model: 'helpfulness' is not a key of evaluate.reward_models "
+                                   "(have classification)")
+    assert not (tmp_path / "bon").exists() and not (tmp_path / "bon.json").exists()
+

@@ -11,16 +11,16 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT, stage_env
 from dvc_repo import ran_repo  # noqa: F401 (fixture)
 from golden import GOLDEN, first_difference, graph_hashes, sft20_hashes
+from helpers import CODE_PATHS, cpu_flags
 
-FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-pytestmark = pytest.mark.skipif(" avx2 " not in FLAGS.replace("\n", " "),
+pytestmark = pytest.mark.skipif(" avx2 " not in cpu_flags(),
                                 reason="the pinned numbers need an x86-64 CPU with AVX2")
 GOLD = json.loads(GOLDEN.read_text(encoding="utf-8"))
 GRAPH = {k: v for k, v in GOLD["sha256"].items() if not k.startswith("sft20/")}
@@ -44,17 +44,22 @@ def test_tiny_graph_matches_the_golden_hashes(ran_repo):  # noqa: F811 (fixture)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("threads", ["1", "4"])
-def test_tiny_graph_at_other_thread_counts_matches_too(ran_repo, tmp_path, threads):  # noqa: F811
-    """The whole graph again with CQA_THREADS=1 and 4 (4 oversubscribes a 2-core machine: fine)."""
+@pytest.mark.parametrize("threads, path", [("1", "generic"), ("4", "best")])
+def test_tiny_graph_at_other_thread_counts_and_code_paths_matches_too(ran_repo, tmp_path, threads, path):  # noqa: F811
+    """The whole graph again with CQA_THREADS=1 and 4 (4 oversubscribes a 2-core machine: fine),
+    each forced through another CPU code path by the variables the pin overrides (ATen's generic
+    or best kernels, another MKL branch, OpenMP threads): the pin must win over all of them."""
     repo = tmp_path / "graph"
     shutil.copytree(ran_repo, repo, symlinks=True)
-    env = {**stage_env(), "PYTHONPATH": str(repo / "src"), "CQA_THREADS": threads, "CQA_NUMERICS": "pinned"}
+    env = {**stage_env(), **CODE_PATHS[path], "PYTHONPATH": str(repo / "src"), "CQA_THREADS": threads,
+           "CQA_NUMERICS": "pinned"}
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--force", "-q"], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     diff = first_difference(graph_hashes(repo), GRAPH)
-    assert diff is None, _explain(f"CQA_THREADS={threads}: {diff}")
+    assert diff is None, _explain(f"CQA_THREADS={threads}, {path} code path: {diff}")
+    exported = yaml.safe_load((repo / "models" / "sft" / "params.yaml").read_text(encoding="utf-8"))
+    assert exported["numerics"] == {"mode": "pinned", "aten": "AVX2", "mkl_cbwr": "AVX2,STRICT"}
 
 
 def test_first_difference_names_the_first_file_in_golden_order():

@@ -1,8 +1,7 @@
-"""The numeric pin (cqa_rlhf/numerics.py): the tiny graph's training stages, forced through two
-different CPU code paths and thread counts on this machine, write byte-identical weights and
-metrics when pinned, and different ones when free; MKL's vendor check answered by the shim, and
-the GEMM guard's one-line refusal without it. Plus the switches' one-line errors. (Across CPUs:
-tests/test_golden.py.)"""
+"""The numeric pin (cqa_rlhf/numerics.py): free, two CPU code paths write different weights (what
+the pin is for; pinned, the whole tiny graph gives the golden bits on both, tests/test_golden.py);
+MKL's vendor check answered by the shim, and the GEMM guard's one-line refusal without it. Plus the
+switches' one-line errors."""
 
 from __future__ import annotations
 
@@ -17,20 +16,11 @@ import pytest
 import yaml
 
 from conftest import stage_env
-from helpers import tiny_params
+from helpers import CODE_PATHS, cpu_flags, tiny_params
 
-FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-HAS_AVX2 = " avx2 " in FLAGS.replace("\n", " ")
-VENDOR = next((line.split(":")[1].strip() for line in FLAGS.splitlines() if line.startswith("vendor_id")), "")
-# Two code paths through the very variables the pin overrides: the CPU's best ATen kernels with
-# MKL's automatic dispatch on 3 threads, against ATen's generic kernels, another MKL branch and one
-# thread (what an older CPU or another core count would run). CQA_THREADS is the pin's own count.
-PATHS = {
-    "best": {"ATEN_CPU_CAPABILITY": "avx512" if " avx512f " in FLAGS.replace("\n", " ") else "avx2",
-             "MKL_CBWR": "AUTO", "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3", "CQA_THREADS": "3"},
-    "generic": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "SSE4_2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                "CQA_THREADS": "1"},
-}
+HAS_AVX2 = " avx2 " in cpu_flags()
+VENDOR = next((line.split(":")[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("vendor_id")), "") if Path("/proc/cpuinfo").is_file() else ""
 
 
 def _stage(module: str, params: dict, work: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -40,51 +30,22 @@ def _stage(module: str, params: dict, work: Path, env: dict[str, str], *args: st
                           capture_output=True, text=True, cwd=work, env={**stage_env(), **env}, timeout=600)
 
 
-def _graph_params(site: Path, out: Path) -> dict:
-    """SFT -> Bradley-Terry reward model -> PPO on the tiny site, every output under ``out``."""
+def _run_sft(site: Path, out: Path, env: dict[str, str]) -> dict[str, bytes]:
+    """20 tiny SFT steps under ``env``: its weights and metrics files."""
     params = tiny_params(site, max_steps=20, out=str(out / "sft"), metrics=str(out / "m" / "sft.json"),
                          live_dir=str(out / "sft_live"), checkpoint_dir=str(out / "sft_ckpt"))
-    params["reward"] = {"classification": {
-        "data": str(site / "prepared"), "sft_dir": str(out / "sft"), "out": str(out / "rm"),
-        "metrics": str(out / "m" / "rm.json"), "live_dir": str(out / "rm_live"), "checkpoint_dir": str(out / "rm_ckpt"),
-        "batch_size": 8, "max_length": 96, "max_epochs": -1, "max_steps": 10, "val_check_interval": 5}}
-    params["ppo"] = {
-        "data": str(site / "prepared"), "sft_dir": str(out / "sft"), "reward_model": str(out / "rm"),
-        "out": str(out / "ppo"), "metrics": str(out / "m" / "ppo.json"), "live_dir": str(out / "ppo_live"),
-        "checkpoint_dir": str(out / "ppo_ckpt"), "iterations": 2, "rollout_batch_size": 8, "mini_batch_size": 8,
-        "micro_batch_size": 8, "ppo_epochs": 1, "max_prompt_length": 48, "max_length": 96,
-        "sample": {"max_new_tokens": 12, "batch_size": 8}, "eval_every": 2, "eval_prompts": 8, "samples_every": 2}
-    return params
+    proc = _stage("sft", params, site, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"sft/model.safetensors": (out / "sft" / "model.safetensors").read_bytes(),
+            "m/sft.json": (out / "m" / "sft.json").read_bytes()}
 
 
-def _run_graph(site: Path, out: Path, env: dict[str, str], stages: tuple[str, ...]) -> dict[str, bytes]:
-    """Weights and metrics files of the stages run under ``env``."""
-    params = _graph_params(site, out)
-    files = {}
-    for stage, args, model, metrics in (("sft", (), "sft", "sft.json"), ("reward", ("--kind", "classification"), "rm", "rm.json"),
-                                        ("ppo", (), "ppo", "ppo.json")):
-        if stage not in stages:
-            continue
-        proc = _stage(stage, params, site, env, *args)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        files[f"{model}/model.safetensors"] = (out / model / "model.safetensors").read_bytes()
-        files[f"m/{metrics}"] = (out / "m" / metrics).read_bytes()
-    return files
-
-
-@pytest.mark.skipif(not HAS_AVX2, reason="the pinned numbers need an x86-64 CPU with AVX2")
-def test_pinned_stages_are_byte_identical_across_code_paths_and_free_ones_are_not(prepared):
-    pinned = {tag: _run_graph(prepared, prepared / f"pinned-{tag}", {**env, "CQA_NUMERICS": "pinned"},
-                              ("sft", "reward", "ppo")) for tag, env in PATHS.items()}
-    assert set(pinned["best"]) == {"sft/model.safetensors", "m/sft.json", "rm/model.safetensors", "m/rm.json",
-                                   "ppo/model.safetensors", "m/ppo.json"}
-    for name in pinned["best"]:
-        assert pinned["best"][name] == pinned["generic"][name], f"{name} differs between code paths under the pin"
-    exported = yaml.safe_load((prepared / "pinned-generic" / "sft" / "params.yaml").read_text())
-    assert exported["numerics"] == {"mode": "pinned", "aten": "AVX2", "mkl_cbwr": "AVX2,STRICT"}
-
-    free = {tag: _run_graph(prepared, prepared / f"free-{tag}", {**env, "CQA_NUMERICS": "free"}, ("sft",))
-            for tag, env in PATHS.items()}
+def test_free_stages_differ_across_code_paths(prepared):
+    """Without the pin the two code paths of helpers.CODE_PATHS write other bits (what the pin is
+    for); under the pin the whole tiny graph gives the golden bits on both
+    (test_golden.test_tiny_graph_at_other_thread_counts_and_code_paths_matches_too)."""
+    free = {tag: _run_sft(prepared, prepared / f"free-{tag}", {**env, "CQA_NUMERICS": "free"})
+            for tag, env in CODE_PATHS.items()}
     assert free["best"]["sft/model.safetensors"] != free["generic"]["sft/model.safetensors"]
     assert free["best"]["m/sft.json"] != free["generic"]["m/sft.json"]  # the val loss moves too
     exported = yaml.safe_load((prepared / "free-generic" / "sft" / "params.yaml").read_text())

@@ -16,7 +16,8 @@ from conftest import ROOT, stage_env
 from dvc_repo import EVAL, METHODS, REWARD, _dvc, _ran, _run, ran_repo, repo  # noqa: F401 (ran_repo, repo: fixtures)
 
 STAGE_MODULES = {s: f"cqa_rlhf.stages.{s}" for s in ("gguf", "synth", "data", "tokenizer", "sft", "reward", "ppo",
-                                                      "dpo", "grpo", "base", "evaluate", "compare")}
+                                                      "dpo", "grpo", "online_dpo", "base", "evaluate", "bon", "overopt",
+                                                      "compare")}
 
 
 def _declared_src_deps(stage: str) -> set[str]:
@@ -57,8 +58,9 @@ def test_repro_noop_and_selective_reruns(repo):
     for key, value, stages in (("sft.optim.lr", 0.002, {"sft"}),
                                ("reward.regression.optim.lr", 0.002, {"reward@regression"}),
                                ("ppo.optim.lr", 0.002, {"ppo"}), ("dpo.beta", 0.2, {"dpo"}),
-                               ("grpo.scale_rewards", "none", {"grpo"}), ("evaluate.max_questions", 4, EVAL),
-                               ("seed", 1, {"sft", *REWARD, *METHODS, "base", *EVAL})):
+                               ("grpo.scale_rewards", "none", {"grpo"}),
+                               ("evaluate.max_questions", 4, {*EVAL, "bon", "overopt"}),
+                               ("seed", 1, {"sft", *REWARD, *METHODS, "base", *EVAL, "bon", "overopt"})):
         params = yaml.safe_load(text)
         *path, last = key.split(".")
         section = params
@@ -71,11 +73,12 @@ def test_repro_noop_and_selective_reruns(repo):
 
     # What a change reruns once the invalidation propagates: a pairs param changes only the
     # pairs tables, so data reruns and everything that reads them, but not sft or the tokenizer
-    # (the reward models and DPO read pairs; PPO and GRPO use a reward model, the evaluation both).
+    # (the reward models and DPO read pairs; the online methods, bon and overopt use a reward model,
+    # the evaluation both).
     params = yaml.safe_load(text)
     params["data"]["pairs"]["min_score_gap"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_dvc("repro", cwd=repo)) == {"data", *REWARD, *METHODS, *EVAL, "compare"}
+    assert _ran(_dvc("repro", cwd=repo)) == {"data", *REWARD, *METHODS, *EVAL, "bon", "overopt", "compare"}
     params["dpo"]["beta"] = 0.2  # one method's param: that method, its evaluation and the leaderboard
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _ran(_dvc("repro", cwd=repo)) == {"dpo", "evaluate@dpo", "compare"}
@@ -96,9 +99,10 @@ def test_repro_noop_and_selective_reruns(repo):
     assert ran == {"sft", *({"compare"} if timing.read_text() != before else set())}, (ran, before)
     with open(repo / "src/cqa_rlhf/ppo_math.py", "a") as f:
         f.write("\n# touched\n")
-    # ppo, grpo and every evaluation import the KL helper. (A module every stage imports,
-    # config.py, is in every stage's deps: test_stage_deps_are_exactly_the_modules_it_imports.)
-    assert _invalidated(repo) == {"ppo", "grpo", *EVAL}
+    # every online method, every evaluation, bon and overopt import the KL helper (through the
+    # rollout engine). (A module every stage imports, config.py, is in every stage's deps:
+    # test_stage_deps_are_exactly_the_modules_it_imports.)
+    assert _invalidated(repo) == {"ppo", "grpo", "online_dpo", *EVAL, "bon", "overopt"}
 
 
 @pytest.mark.slow
@@ -116,3 +120,8 @@ def test_check_lock_catches_stale_lock(repo):
     (fresh / "dvc.yaml").write_text(spec)
     proc = _run(check, fresh, check=False)
     assert proc.returncode == 1 and "json_source.py removed from dvc.yaml" in proc.stderr
+    _run(["git", "checkout", "--", "."], fresh)
+    params = (fresh / "params.yaml").read_text().replace("  beta: 0.1\n", "  beta: 0.3\n", 1)  # dpo.beta, not rerun
+    (fresh / "params.yaml").write_text(params)
+    proc = _run(check, fresh, check=False)
+    assert proc.returncode == 1 and "dpo: param dpo.beta (params.yaml) modified" in proc.stderr, proc.stderr

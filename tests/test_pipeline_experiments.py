@@ -30,7 +30,7 @@ def test_experiment_and_metrics_diff(repo):
     _dvc("checkout", "--force", cwd=repo)
     before_ppo = json.loads((repo / "metrics/ppo.json").read_text())
     proc = _dvc("exp", "run", "-S", "ppo.optim.lr=0.01", "--name", "ppo-lr", cwd=repo)
-    assert _ran(proc) == {"ppo", "evaluate@ppo", "compare"}
+    assert _ran(proc) == {"ppo", "evaluate@ppo", "overopt", "compare"}
     after_ppo = json.loads((repo / "metrics/ppo.json").read_text())
     assert after_ppo["final"] != before_ppo["final"]
     diff = json.loads(_dvc("metrics", "diff", "--json", cwd=repo).stdout)
@@ -49,8 +49,9 @@ def test_same_params_twice_give_byte_identical_metrics(repo):
     ran = _ran(_dvc("repro", cwd=fresh))
     assert ran >= ALL - {"compare"}  # compare's outputs are in git; it reruns only if its inputs differ
     names = sorted(p.name for p in (repo / "metrics").glob("*.json"))
-    assert names == ["compare.json", "data.json", "dpo.json", "eval_base.json", "eval_dpo.json", "eval_grpo.json",
-                     "eval_ppo.json", "eval_sft.json", "grpo.json", "ppo.json", "reward_classification.json",
+    assert names == ["compare.json", "data.json", "dpo.json", "eval_base.json", "eval_bon.json", "eval_dpo.json",
+                     "eval_grpo.json", "eval_online_dpo.json", "eval_ppo.json", "eval_sft.json", "grpo.json",
+                     "online_dpo.json", "overopt.json", "ppo.json", "reward_classification.json",
                      "reward_regression.json", "sft.json"]
     for name in names:
         assert (fresh / "metrics" / name).read_bytes() == (repo / "metrics" / name).read_bytes(), name

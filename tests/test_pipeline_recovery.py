@@ -34,7 +34,7 @@ def test_killed_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo):
     _run(["git", "clone", "-q", str(repo), str(whole)], repo.parent)
     shutil.copytree(repo / ".dvc" / "cache", whole / ".dvc" / "cache", dirs_exist_ok=True)
     _dvc("checkout", cwd=whole)
-    assert _ran(_dvc("repro", cwd=whole)) == {"ppo", "evaluate@ppo", "compare"}
+    assert _ran(_dvc("repro", cwd=whole)) == {"ppo", "evaluate@ppo", "overopt", "compare"}
 
     env = {**stage_env(), "PYTHONPATH": str(repo / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, start_new_session=True,
@@ -54,7 +54,7 @@ def test_killed_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo):
 
     again = _dvc("repro", cwd=repo)
     assert "ppo: resuming from" in again.stderr
-    assert _ran(again) == {"ppo", "evaluate@ppo", "compare"}
+    assert _ran(again) == {"ppo", "evaluate@ppo", "overopt", "compare"}
     for name in ("ppo.json", "eval_ppo.json", "compare.json"):
         assert (repo / "metrics" / name).read_bytes() == (whole / "metrics" / name).read_bytes(), name
     assert (repo / "models/ppo/model.safetensors").read_bytes() == (whole / "models/ppo/model.safetensors").read_bytes()

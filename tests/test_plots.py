@@ -38,7 +38,8 @@ def test_page_names_every_curve_and_loads_nothing_from_the_network(page):
     for curve in ("dvclive/sft/plots/metrics/val/loss.tsv", "dvclive/reward/classification/plots/metrics/val/accuracy.tsv",
                   "dvclive/ppo/plots/metrics/objective/scores.tsv", "dvclive/ppo/plots/metrics/objective/kl.tsv",
                   "dvclive/ppo/plots/metrics/objective/beta.tsv", "dvclive/ppo/plots/metrics/rollout/response_length.tsv",
-                  "metrics/compare_win_rate.csv"):
+                  "dvclive/online_dpo/plots/metrics/rewards/margins.tsv", "metrics/compare_win_rate.csv",
+                  "metrics/overopt.csv"):
         div = re.sub(r"[/.]", "_", curve)  # DVC names each chart's div after its file
         assert f"vegaEmbed('#{div}'" in html, curve
     assert not re.search(r"""(src|href)\s*=\s*["']https?:""", html)
@@ -46,6 +47,9 @@ def test_page_names_every_curve_and_loads_nothing_from_the_network(page):
     # the win-rate chart is .dvc/plots/bar_ci.json: bars with the 95% interval of every judge
     chart = html[html.index('id = "metrics_compare_win_rate_csv"'):html.index("vegaEmbed('#metrics_compare_win_rate_csv'")]
     assert '"x2": {"field": "ci_high"}' in chart and '"field": "ci_low"' in chart and '"ci_low": ' in chart
+    # the over-optimisation chart is .dvc/plots/overopt.json: a line per method and judge against sqrt(KL)
+    chart = html[html.index('id = "metrics_overopt_csv"'):html.index("vegaEmbed('#metrics_overopt_csv'")]
+    assert '"strokeDash": {"field": "judge"' in chart and '"sqrt_kl": ' in chart and '"method": "bon"' in chart
 
 
 @pytest.mark.skipif(BROWSER is None and not os.environ.get("CQA_REQUIRE_BROWSER"),

@@ -114,7 +114,7 @@ def test_tiny_ppo_raises_the_reward_and_exports_a_causal_lm(tmp_path, whole_answ
     assert [r.split("\t")[0] for r in (curves / "eval/score.tsv").read_text().splitlines()[1:]] == ["4", "8"]
     import pandas as pd
     samples = pd.read_csv(tmp_path / "live" / "samples" / "iteration_0008.csv")
-    assert list(samples.columns) == ["question", "answer", "score", "ended"] and len(samples) > 0
+    assert list(samples.columns) == ["question", "answer", "score", "ended", "kl"] and len(samples) > 0
     # the policy alone loads as a causal LM; the value head is beside it
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")
     assert model.config.pad_token_id != model.config.eos_token_id

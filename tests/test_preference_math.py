@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from cqa_rlhf.preference_math import answer_logps, dpo_loss, implicit_rewards, preference_logits
+from cqa_rlhf.preference_math import (answer_logps, best_worst_pairs, dpo_loss, implicit_rewards, preference_logits,
+                                      sequence_logps)
 from cqa_rlhf.prompts import IGNORE_INDEX
 
 # One pair: log pi and log pi_ref of the chosen (w) and rejected (l) answers.
@@ -60,3 +61,20 @@ def test_answer_logps_sum_the_labelled_tokens_only():
     padded = torch.tensor([[IGNORE_INDEX, 1, IGNORE_INDEX]])
     total, count = answer_logps(logits, padded)
     assert total.item() == pytest.approx(math.log(0.5), rel=1e-6) and count.tolist() == [1]
+
+
+def test_sequence_logps_sum_answer_tokens_or_average_them_for_ipo():
+    logps = torch.tensor([[-1.0, -2.0, -4.0], [-0.5, -0.5, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    assert sequence_logps(logps, mask).tolist() == [-7.0, -1.0]
+    assert sequence_logps(logps, mask, "ipo").tolist() == pytest.approx([-7.0 / 3, -0.5])
+
+
+def test_best_worst_pairs_index_the_flat_batch_and_drop_ties():
+    scores = torch.tensor([[0.1, 0.9, -0.3],     # best 1, worst 2
+                           [0.5, 0.5, 0.5],      # all tie: no pair
+                           [2.0, -1.0, 2.0]])    # the first best (0), the worst (1)
+    chosen, rejected, valid = best_worst_pairs(scores)
+    assert chosen.tolist() == [1, 3, 6]
+    assert rejected.tolist() == [2, 3, 7]
+    assert valid.tolist() == [True, False, True]

@@ -192,7 +192,8 @@ def load_section(path: str | Path, section: str, model: type[C]) -> C:
 # The sections whose ``seed`` is the top-level ``seed``: every training and sampling stage. The
 # data stages keep their own (synth.seed, data.split_seed): runs under different seeds are then
 # judged on the same held-out questions.
-SEEDED = ("sft", "reward.regression", "reward.classification", "ppo", "dpo", "grpo", "base", "evaluate")
+SEEDED = ("sft", "reward.regression", "reward.classification", "ppo", "dpo", "grpo", "online_dpo", "bon", "overopt",
+          "base", "evaluate")
 
 
 def seeded(data: dict, path: str | Path = "params.yaml") -> dict:
@@ -586,10 +587,49 @@ class GRPOConfig(OnlineRLConfig):
         return self.grpo_epochs
 
 
+class PreferenceLossConfig(Section):
+    """DPO's loss, shared by ``dpo`` and ``online_dpo``: DPO (``loss: sigmoid``), IPO (``ipo``:
+    mean token log-probs) or conservative DPO (``label_smoothing`` > 0)."""
+
+    beta: float = Field(0.1, gt=0.0)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # cDPO: preferences flipped with this probability
+
+    @model_validator(mode="after")
+    def _smoothing_is_dpo(self) -> PreferenceLossConfig:
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError("label_smoothing applies to loss: sigmoid only")
+        return self
+
+
+class OnlineDPOConfig(OnlineRLConfig, PreferenceLossConfig):
+    """Online DPO (Guo et al. 2024; iterative DPO, Xiong et al. 2024; TRL's OnlineDPOTrainer):
+    each iteration samples ``num_generations`` answers to each of ``rollout_batch_size`` prompts
+    from the current policy, the reward model's best and worst answer to a prompt become a pair,
+    and the DPO loss (``loss``, ``beta``, ``label_smoothing`` as in ``dpo``) trains on the pairs
+    against the frozen SFT reference. Its minibatches count pairs (one per prompt)."""
+
+    out: str = "models/online_dpo"
+    metrics: str = "metrics/online_dpo.json"
+    live_dir: str = "dvclive/online_dpo"
+    checkpoint_dir: str = "checkpoints/online_dpo"
+    num_generations: int = Field(4, ge=2)  # answers per prompt; the best and the worst form its pair
+    dpo_epochs: int = Field(1, ge=1)  # passes over each iteration's pairs
+
+    @property
+    def answers_per_iteration(self) -> int:
+        """Pairs per iteration and process (the unit of the minibatches): one per prompt."""
+        return self.rollout_batch_size
+
+    @property
+    def epochs(self) -> int:
+        return self.dpo_epochs
+
+
 # --------------------------------------------------------------------------------------------
 # dpo: offline preference optimisation on the pairs tables
 # --------------------------------------------------------------------------------------------
-class DPOConfig(TrainConfig):
+class DPOConfig(TrainConfig, PreferenceLossConfig):
     """DPO (``loss: sigmoid``), IPO (``ipo``) or conservative DPO (``label_smoothing`` > 0) on
     the ``pairs`` tables, from the SFT policy with the frozen SFT policy as reference (its
     log-probs computed once, before the fit). Batches count pairs."""
@@ -600,18 +640,9 @@ class DPOConfig(TrainConfig):
     metrics: str = "metrics/dpo.json"
     live_dir: str = "dvclive/dpo"
     checkpoint_dir: str = "checkpoints/dpo"
-    beta: float = Field(0.1, gt=0.0)
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # cDPO: preferences flipped with this probability
     score_batch_size: int = Field(64, ge=1)  # pairs per no-grad forward (reference, test)
     monitor: str = "val_accuracy"  # the best checkpoint by validation preference accuracy
     monitor_mode: Literal["min", "max"] = "max"
-
-    @model_validator(mode="after")
-    def _smoothing_is_dpo(self) -> DPOConfig:
-        if self.label_smoothing and self.loss != "sigmoid":
-            raise ValueError("label_smoothing applies to loss: sigmoid only")
-        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,7 +663,8 @@ class EvaluateConfig(Section):
 
     data: str = "data/prepared"  # questions and reference answers: <data>/test/sft
     policies: dict[str, str] = Field(default_factory=lambda: {
-        "base": "models/base", "sft": "models/sft", "ppo": "models/ppo", "dpo": "models/dpo", "grpo": "models/grpo"})
+        "base": "models/base", "sft": "models/sft", "ppo": "models/ppo", "dpo": "models/dpo", "grpo": "models/grpo",
+        "online_dpo": "models/online_dpo"})
     reference: str = "models/sft"
     reward_models: dict[str, str] = Field(default_factory=lambda: {
         "regression": "models/reward/regression", "classification": "models/reward/classification"})
@@ -654,6 +686,39 @@ class EvaluateConfig(Section):
         return self
 
 
+class BoNConfig(Section):
+    """Best-of-N as a policy, evaluated like every trained one (the test questions and sampling of
+    ``evaluate``, every judge): ``n`` answers from ``policy``, the one the reward model
+    ``reward_model`` (a key of ``evaluate.reward_models``) scores highest. ``oracle``: also the
+    pick by gold (embedded default only): the headroom of reranking with a perfect judge, shown
+    in the leaderboard and never counted as a method."""
+
+    policy: str = "models/sft"
+    n: int = Field(16, ge=1)
+    reward_model: str = "classification"
+    oracle: bool = True
+    out: str = "data/eval/bon"  # <out>/generations.parquet; <out>/oracle/generations.parquet
+    metrics: str = "metrics/eval_bon.json"
+    seed: int = 0
+
+
+class OveroptConfig(Section):
+    """Reward over-optimisation curves (Gao et al. 2022) on the online methods' held-out prompts:
+    the gold and proxy gain over SFT against sqrt(KL) for each method of ``methods`` (its sample
+    tables, one per held-out evaluation: ``eval_every`` sets the points) and for Best-of-N from
+    ``policy`` with N = 1, 2, 4, ..., ``pool`` (an unbiased estimate from ``pool`` answers to each
+    of the first ``prompts`` held-out prompts), with Gao's forms fitted to each."""
+
+    data: str = "data/prepared"  # held-out prompts: <data>/val/prompts (the online stages' evaluation set)
+    methods: dict[str, str] = Field(default_factory=lambda: {"ppo": "ppo", "grpo": "grpo"})  # name -> its section
+    policy: str = "models/sft"
+    prompts: int = Field(32, ge=1)
+    pool: int = Field(64, ge=2)
+    metrics: str = "metrics/overopt.json"
+    plot: str = "metrics/overopt.csv"
+    seed: int = 0
+
+
 class CompareConfig(Section):
     """The leaderboard: every evaluated policy against ``baseline`` on the same questions, by
     every judge (win rate and mean paired score difference, 95% paired-bootstrap intervals), with
@@ -661,7 +726,8 @@ class CompareConfig(Section):
     trained it (``methods``: policy -> its stage's section in params.yaml)."""
 
     baseline: str = "sft"
-    methods: dict[str, str] = Field(default_factory=lambda: {"sft": "sft", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"})
+    methods: dict[str, str] = Field(default_factory=lambda: {"sft": "sft", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo",
+                                                             "online_dpo": "online_dpo"})
     metrics: str = "metrics/compare.json"
     plot: str = "metrics/compare_win_rate.csv"
     table: str = "metrics/leaderboard.md"  # with wall times: a plain output, not a metric
@@ -672,7 +738,8 @@ class CompareConfig(Section):
 SECTIONS: dict[str, type[Section]] = {
     "synth": SynthConfig, "data": DataConfig, "prompt": PromptConfig, "model": ModelConfig,
     "tokenizer": TokenizerConfig, "trainer": TrainerConfig, "sft": SFTConfig, "reward": RewardConfig,
-    "ppo": PPOConfig, "dpo": DPOConfig, "grpo": GRPOConfig, "base": BaseConfig, "evaluate": EvaluateConfig, "compare": CompareConfig,
+    "ppo": PPOConfig, "dpo": DPOConfig, "grpo": GRPOConfig, "online_dpo": OnlineDPOConfig, "base": BaseConfig,
+    "evaluate": EvaluateConfig, "bon": BoNConfig, "overopt": OveroptConfig, "compare": CompareConfig,
 }
 TOP_LEVEL = ("seed", "pretrained_dir")  # scalar params outside any section
 OPEN_SECTIONS: dict[str, type[Section]] = {"gguf": GGUFConfig}  # entries named by the user, each of this type

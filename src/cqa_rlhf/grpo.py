@@ -18,7 +18,6 @@ from torch import nn
 
 from cqa_rlhf.config import GRPOConfig
 from cqa_rlhf.exact_math import std
-from cqa_rlhf.generation import row_seed
 from cqa_rlhf.group_math import group_advantages, zero_std_share
 from cqa_rlhf.online import OnlineRLModule, shape_scores
 from cqa_rlhf.ppo_math import entropy_from_logits, kl_per_token, masked_mean, policy_loss
@@ -41,11 +40,7 @@ class GRPOModule(OnlineRLModule):
 
         # 1. Rollout: G answers to each prompt (each its own draw), the policy's log-probs at
         #    sampling time, the reference's, reward-model scores shaped as for PPO.
-        questions = [q for q in batch["questions"] for _ in range(g)]  # [N * G], groups contiguous
-        # Each answer has its own seed, from (iteration, question, index in its group): the same
-        # answers on any number of processes, as one process with the whole global batch draws.
-        seeds = [row_seed(self.iteration_seed(it), q, i % g) for i, q in enumerate(questions)]
-        rollout = self.engine.rollout(self.model, questions, self.iteration_seed(it), row_seeds=seeds)
+        rollout = self.group_rollout(batch["questions"], it, g)  # [N * G], groups contiguous
         scores = shape_scores(rollout.raw_scores, rollout.ended, *self.norm, cfg)  # [N * G]
         self.finite(it, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs, scores=rollout.raw_scores)
 
@@ -58,7 +53,7 @@ class GRPOModule(OnlineRLModule):
         self.finite(it, advantages=advantages)
 
         # 3. grpo_epochs passes of clipped-ratio + KL updates, token-level over each global minibatch.
-        stats = self.minibatch_updates(len(questions), loss_mask,
+        stats = self.minibatch_updates(len(rollout.gens), loss_mask,
                                        lambda idx, weight: self._backward(rollout, advantages, loss_mask, idx, weight, it), it)
         self.iteration = it
 

@@ -30,6 +30,7 @@ from cqa_rlhf.batches import LengthGroupedBatchSampler, ListDataset, PromptColla
 from cqa_rlhf.config import Loop, OnlineRLConfig, PromptConfig, TrainerConfig
 from cqa_rlhf.data.tables import read_table
 from cqa_rlhf.errors import CqaError, DataError
+from cqa_rlhf.generation import row_seed
 from cqa_rlhf.io import atomic_path
 from cqa_rlhf.models import exported_dir
 from cqa_rlhf.ppo_math import check_finite
@@ -133,6 +134,14 @@ class OnlineRLModule(HarnessModule):
         """Sampled answers with the policy's and the reference's log-probs and the reward scores."""
         return self.engine.rollout(self.policy_lm, questions, seed)
 
+    def group_rollout(self, prompts: list[str], it: int, g: int) -> Rollout:
+        """``g`` answers to each prompt, groups contiguous ([N * g] rollouts). Each answer has its
+        own seed, from (iteration, question, index in its group): the same answers on any number
+        of processes as one process with the whole global batch draws."""
+        questions = [q for q in prompts for _ in range(g)]
+        seeds = [row_seed(self.iteration_seed(it), q, i % g) for i, q in enumerate(questions)]
+        return self.engine.rollout(self.policy_lm, questions, self.iteration_seed(it), row_seeds=seeds)
+
     # ---- updates ---------------------------------------------------------------------------
     def minibatch_updates(self, n: int, mask: torch.Tensor, backward: Backward, it: int) -> dict[str, torch.Tensor]:
         """``cfg.epochs`` passes over the ``n`` rollouts in shuffled minibatches; each minibatch is
@@ -193,16 +202,20 @@ class OnlineRLModule(HarnessModule):
                      ("length", rollout.seq.mask.sum(1)), ("eos", rollout.ended.float())):
             sums[k] += v.double().sum()
         sums["n"] += len(questions)
-        return [{"question": q, "answer": a, "score": round(float(s), 4), "ended": bool(e)} for q, a, s, e in
-                zip(rollout.questions, rollout.answers, rollout.raw_scores.tolist(), rollout.ended.tolist())]
+        return [{"question": q, "answer": a, "score": round(float(s), 4), "ended": bool(e), "kl": round(float(k), 4)}
+                for q, a, s, e, k in zip(rollout.questions, rollout.answers, rollout.raw_scores.tolist(),
+                                         rollout.ended.tolist(), kl.tolist())]
 
-    def evaluate_prompts(self, questions: list[str]) -> dict[str, float]:
+    def evaluate_prompts(self, questions: list[str], samples_to: Path | None = None) -> dict[str, float]:
         """The held-out evaluation outside the fit loop (the SFT policy before training, the final
-        policy after it): the same batches and seeds as the validation loop."""
+        policy after it): the same batches and seeds as the validation loop. ``samples_to``: a
+        folder for its answers' table too (the SFT policy's, as iteration 0)."""
         sums = {k: torch.zeros((), dtype=torch.float64) for k in EVAL_SUMS}
-        size = self.cfg.sample.batch_size
+        size, rows = self.cfg.sample.batch_size, []
         for i, start in enumerate(range(0, len(questions), size)):
-            self.evaluate_batch(questions[start: start + size], i, sums)
+            rows.extend(self.evaluate_batch(questions[start: start + size], i, sums))
+        if samples_to is not None:
+            write_samples(samples_to / f"iteration_{self.iteration:04d}.csv", rows)
         return eval_means(sums)
 
     def on_validation_epoch_end(self) -> None:
@@ -228,9 +241,10 @@ def eval_means(sums: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def write_samples(path: Path, rows: list[dict]) -> None:
-    """A table of sample generations (question, answer, score, ended) that pandas opens."""
+    """A table of sample generations (question, answer, the reward model's score, ended, k1 KL to
+    the reference in nats) that pandas opens."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["question", "answer", "score", "ended"])
+        w = csv.DictWriter(f, fieldnames=["question", "answer", "score", "ended", "kl"])
         w.writeheader()
         w.writerows(rows)
 
@@ -288,9 +302,11 @@ def train(module: OnlineRLModule, inputs: OnlineInputs, trainable: int) -> tuple
     cfg = module.cfg
     trainer, ckpt = prepare_run(inputs.trainer, module, cfg.live_dir, cfg.checkpoint_dir, module.fingerprint,
                                 module.name)
-    if ckpt is None and trainer.is_global_zero and module.samples_dir is not None:
+    fresh = ckpt is None and trainer.is_global_zero and module.samples_dir is not None
+    if fresh:
         shutil.rmtree(module.samples_dir, ignore_errors=True)
-    sft_eval = module.evaluate_prompts(inputs.eval_questions)  # iteration 0: the SFT policy
+    # iteration 0: the SFT policy (its table once, on a fresh start)
+    sft_eval = module.evaluate_prompts(inputs.eval_questions, module.samples_dir if fresh else None)
     fit(module, trainer, ckpt, inputs.train_rows, inputs.eval_questions, inputs.fmt)
     metrics = final_metrics(module, sft_eval, inputs.eval_questions, trainer.global_step, trainable)
     if cfg.export == "best":

@@ -52,3 +52,23 @@ def dpo_loss(h: torch.Tensor, beta: float, loss_type: LossType = "sigmoid",
 def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
     """beta * (log pi(y) - log ref(y)) [B]: DPO's implicit reward of an answer [DPO, TRL]."""
     return beta * (policy_logps - ref_logps)
+
+
+def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, loss_type: LossType = "sigmoid") -> torch.Tensor:
+    """An answer's log-prob [B] from its tokens' log-probs [B, R] under ``mask`` [B, R]: the sum,
+    or the mean for IPO [IPO, TRL]."""
+    total = (token_logps * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if loss_type == "ipo" else total
+
+
+def best_worst_pairs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Online DPO's pairs from ``scores`` [N, K] (K answers to each of N prompts, rows contiguous
+    in a flat [N * K] batch): (chosen [N], rejected [N]) flat indices of each group's best and
+    worst answer (the first of equal scores), and ``valid`` [N], False where all K scores tie
+    (no preference: the pair carries no loss) [Guo et al. 2024; Xiong et al. 2024]."""
+    n, k = scores.shape
+    offset = torch.arange(n, device=scores.device) * k
+    best = torch.argmax(scores, dim=1)   # the first maximum
+    worst = torch.argmin(scores, dim=1)  # the first minimum
+    valid = scores.max(dim=1).values > scores.min(dim=1).values
+    return offset + best, offset + worst, valid

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cqa_rlhf.config import SECTIONS, CompareConfig, EvaluateConfig
+from cqa_rlhf.config import SECTIONS, BoNConfig, CompareConfig, EvaluateConfig
 from cqa_rlhf.errors import ConfigError, DataError, cli
 from cqa_rlhf.io import atomic_path, write_json_atomic, write_text_atomic
 from cqa_rlhf.stages.common import Params, stage_args
 from cqa_rlhf.stats import interval, paired_comparison, resample_indices
 
 FIELDS = ("win_rate", "win_rate_ci95", "score_diff", "score_diff_ci95")
+ORACLE = "bon_oracle"  # Best-of-N picked by gold: the headroom of reranking, never a method
 
 
 def judge_metrics(candidate: list[float], baseline: list[float], indices) -> dict:
@@ -30,13 +31,23 @@ def judge_metrics(candidate: list[float], baseline: list[float], indices) -> dic
             "score_diff": round(c["score_diff"], 6), "score_diff_ci95": interval((c["score_diff_low"], c["score_diff_high"]), 6)}
 
 
-def read_generations(evaluate: EvaluateConfig) -> dict[str, dict]:
-    """Every policy's generation table (same questions, same order), in ``evaluate.policies`` order."""
+def table_paths(evaluate: EvaluateConfig, bon: BoNConfig | None) -> dict[str, Path]:
+    """Every policy's generations table: each of ``evaluate.policies``, then Best-of-N and its
+    oracle (when the bon stage wrote one: gold exists)."""
+    paths = {name: Path(evaluate.out) / name / "generations.parquet" for name in evaluate.policies}
+    if bon is not None:
+        paths["bon"] = Path(bon.out) / "generations.parquet"
+        if (Path(bon.out) / "oracle" / "generations.parquet").is_file():
+            paths[ORACLE] = Path(bon.out) / "oracle" / "generations.parquet"
+    return paths
+
+
+def read_generations(paths: dict[str, Path]) -> dict[str, dict]:
+    """Every policy's generation table (same questions, same order)."""
     tables = {}
-    for name in evaluate.policies:
-        path = Path(evaluate.out) / name / "generations.parquet"
+    for name, path in paths.items():
         if not path.is_file():
-            raise DataError(f"{path}: no generations for evaluate.policies.{name} (run evaluate@{name})")
+            raise DataError(f"{path}: no generations of policy {name} (run its evaluate or bon stage)")
         tables[name] = pq.read_table(path).to_pydict()
     first = next(iter(tables))
     for name, table in tables.items():
@@ -69,6 +80,7 @@ def leaderboard(tables: dict[str, dict], baseline: str) -> dict:
             judged = {j.removeprefix("score_"): judge_metrics(table[j], base[j], indices) for j in judges}
             metrics[f"{name}_vs_{baseline}"] = {f: {j: m[f] for j, m in judged.items()} for f in FIELDS}
     metrics["policies"] = {name: policy_summary(table) for name, table in tables.items()}
+    metrics["oracles"] = [name for name in tables if name == ORACLE]
     return metrics
 
 
@@ -96,7 +108,8 @@ def write_table(path: str | Path, metrics: dict, seconds: dict[str, float | None
         wins = [f"{block['win_rate'][j]:.3f} [{block['win_rate_ci95'][j]['low']:.3f}, "
                 f"{block['win_rate_ci95'][j]['high']:.3f}]" if block else "baseline" for j in judges]
         wall = seconds.get(name)
-        lines.append("| " + " | ".join([name, *wins, f"{own['kl_to_reference']:.3f}", f"{own['mean_tokens']:.1f}",
+        label = f"{name} (oracle: not a method)" if name in metrics.get("oracles", []) else name
+        lines.append("| " + " | ".join([label, *wins, f"{own['kl_to_reference']:.3f}", f"{own['mean_tokens']:.1f}",
                                          f"{own['eos_rate']:.3f}", "—" if wall is None else f"{wall:.0f}"]) + " |")
     write_text_atomic(path, "\n".join(lines) + "\n")
 
@@ -113,10 +126,12 @@ def read_seconds(live_dirs: dict[str, str]) -> dict[str, float]:
     return out
 
 
-def run(cfg: CompareConfig, evaluate: EvaluateConfig, live_dirs: dict[str, str] | None = None) -> dict:
-    """The leaderboard of every policy in ``evaluate.policies``; writes the metrics, the plot and
-    the table (with the wall times read from ``live_dirs``: policy -> its stage's live dir)."""
-    metrics = leaderboard(read_generations(evaluate), cfg.baseline)
+def run(cfg: CompareConfig, evaluate: EvaluateConfig, live_dirs: dict[str, str] | None = None,
+        bon: BoNConfig | None = None) -> dict:
+    """The leaderboard of every policy in ``evaluate.policies`` and Best-of-N (``bon``); writes
+    the metrics, the plot and the table (with the wall times read from ``live_dirs``: policy ->
+    its stage's live dir)."""
+    metrics = leaderboard(read_generations(table_paths(evaluate, bon)), cfg.baseline)
     seconds = read_seconds({k: v for k, v in (live_dirs or {}).items() if k in evaluate.policies})
     write_json_atomic(cfg.metrics, metrics)
     write_plot(cfg.plot, metrics)
@@ -143,7 +158,7 @@ def live_dirs(params: Params, cfg: CompareConfig) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
     params = Params.read(stage_args(__doc__, argv).params)
     cfg = params.section("compare", CompareConfig)
-    run(cfg, params.section("evaluate", EvaluateConfig), live_dirs(params, cfg))
+    run(cfg, params.section("evaluate", EvaluateConfig), live_dirs(params, cfg), params.section("bon", BoNConfig))
 
 
 if __name__ == "__main__":
