@@ -126,6 +126,23 @@ def test_presets_check_against_params_and_print_dvc_flags(preset):
     assert any(f.startswith("-S trainer.precision=bf16-mixed") for f in flags) == gpu
 
 
+def test_gpu_smoke_graph_is_checked_on_cpu():
+    """bench/gpu_smoke.sh runs where a GPU is lent: its graph preset must pass the params checks
+    and the script must parse, before any GPU sees them."""
+    import subprocess
+
+    from cqa_rlhf.presets import preset_flags
+
+    flags = preset_flags(ROOT / "bench" / "gpu_smoke_graph.yaml", ROOT / "params.yaml")
+    assert "-S trainer.accelerator=gpu" in flags and "-S trainer.precision=bf16-mixed" in flags
+    assert "-S model.config.hidden_size=768" in flags and "-S model.config.num_layers=12" in flags
+    for stage in ("sft", "reward.regression", "reward.classification", "dpo"):
+        assert f"-S {stage}.max_steps=20" in flags
+    for stage in ("ppo", "grpo", "online_dpo"):
+        assert f"-S {stage}.iterations=4" in flags
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_smoke.sh")]).returncode == 0
+
+
 def test_preset_with_an_unknown_key_or_section_is_refused(tmp_path):
     from cqa_rlhf.presets import preset_flags
 
@@ -221,3 +238,11 @@ def test_a_second_seed_or_a_bad_one_is_a_one_line_error(tmp_path, text, key):
     with pytest.raises(ConfigError) as exc:
         Params.read(str(path))
     assert str(exc.value).startswith(f"{path}: {key}: ") and "\n" not in str(exc.value)
+
+
+def test_lora_names_every_trained_policy_stage():
+    from cqa_rlhf.config import LoraConfig
+
+    lora = LoraConfig(r=8)
+    assert all(lora.applies(s) for s in ("sft", "reward", "ppo", "dpo", "grpo", "online_dpo"))
+    assert not LoraConfig(r=8, stages=["sft"]).applies("online_dpo") and not LoraConfig(r=0).applies("sft")

@@ -288,6 +288,7 @@ ONLINE = {  # method -> (its own params, given the prompts a process rolls out; 
 }
 
 
+@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
 @pytest.mark.parametrize("method", sorted(ONLINE))
 def test_group_methods_on_two_processes_match_one(tmp_path, prepared, rlhf_inputs, method):
     """GRPO and online DPO: each answer is drawn from its own seed (iteration, question, index),
@@ -314,3 +315,59 @@ def test_group_methods_on_two_processes_match_one(tmp_path, prepared, rlhf_input
               for d in ("d1", "d2"))  # the same rollouts: the per-iteration reward curves agree
     assert len(r1) == 4 and r1 == pytest.approx(r2, rel=1e-4)
     assert _files(tmp_path / "d1") == _files(tmp_path / "d2")
+
+
+# --------------------------------------------------------------------------------------------
+# Two nodes on one host: torchrun --nnodes 2, one process each (Lightning's num_nodes: 2)
+# --------------------------------------------------------------------------------------------
+def _two_nodes(module: str, params: dict, work: Path) -> list:
+    """Launch ``module`` as two torchrun "nodes" of one process each, as a user with two
+    machines would (``--master-addr`` node 0's address); both nodes get the same params."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import stage_env
+
+    work.mkdir(parents=True, exist_ok=True)
+    params["trainer"].update(devices=1, num_nodes=2, strategy="ddp")
+    (work / "params.yaml").write_text(json.dumps(params), encoding="utf-8")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+         "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", f"cqa_rlhf.stages.{module}",
+         "--params", str(work / "params.yaml")], cwd=work, env=stage_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return outs
+
+
+@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_two_nodes_equal_two_processes_on_one_node_and_only_node_0_writes(tmp_path, prepared, rlhf_inputs, stage):
+    runs = {}
+    for name in ("one_node", "two_nodes"):
+        work = tmp_path / name
+        params = tiny_params(prepared)
+        if stage == "sft":
+            params["sft"] = _outs(work, {**params["sft"], "batch_size": 4, "max_steps": 12})
+        else:
+            params["ppo"] = _outs(work, {
+                "data": str(prepared / "prepared"), "sft_dir": str(rlhf_inputs / "sft"), "reward_model": str(rlhf_inputs / "rm"),
+                "iterations": 2, "rollout_batch_size": 8, "mini_batch_size": 8, "micro_batch_size": 8, "ppo_epochs": 1,
+                "max_prompt_length": 48, "max_length": 96, "sample": {"max_new_tokens": 12, "batch_size": 16},
+                "eval_every": 2, "eval_prompts": 8, "samples_every": 2})
+        runs[name] = _run(stage, params, work, 2) if name == "one_node" else _two_nodes(stage, params, work)
+    one, two = tmp_path / "one_node", tmp_path / "two_nodes"
+    # the same 2 processes, the same gloo reductions: the same bits, not just close
+    assert (one / "metrics.json").read_text() == (two / "metrics.json").read_text()
+    assert load_file(one / "model" / "model.safetensors").keys() == load_file(two / "model" / "model.safetensors").keys()
+    assert _max_weight_diff(one / "model" / "model.safetensors", two / "model" / "model.safetensors") == 0.0
+    assert _files(one) == _files(two)
+    (node0_out, node0_err), (node1_out, node1_err) = runs["two_nodes"]
+    assert f"{stage}: " in node0_out and f"{stage}: " not in node1_out  # the summary: node 0, rank 0 only
+    assert DIGEST.search(node0_err) and not DIGEST.search(node1_err)

@@ -56,6 +56,18 @@ def _implicit_preference(prepared: Path, sft_dir: Path, dpo_dir: Path) -> tuple[
     return sum(c > r for c, r in zip(chosen, rejected)) / n, sum(c - r for c, r in zip(chosen, rejected)) / n
 
 
+def test_dpo_on_half_a_trains_on_half_a_pairs_and_keeps_every_val_and_test_pair(prepared):
+    from cqa_rlhf.data.tables import question_half
+    from cqa_rlhf.stages.dpo import load_pairs
+
+    fmt = PromptFormatter(PromptConfig(), load_tokenizer(prepared / "tok"))
+    cfg = DPOConfig(data=str(prepared / "prepared"), max_length=96, train_questions="half_a")
+    half, every = load_pairs(cfg, fmt), load_pairs(cfg.model_copy(update={"train_questions": "all"}), fmt)
+    assert {question_half(r["question_id"]) for r in half["train"][0]} == {"half_a"}
+    assert 0 < len(half["train"][0]) < len(every["train"][0]) and len(half["train"][1]) == len(half["train"][0])
+    assert half["val"][0] == every["val"][0] and half["test"][0] == every["test"][0]
+
+
 def test_dpo_starts_at_log_2_learns_the_pairs_and_exports_a_causal_lm(tmp_path, prepared, rlhf_inputs):
     proc = run_stage("dpo", _dpo_params(prepared, rlhf_inputs, tmp_path), tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -100,6 +112,7 @@ def test_lora_dpo_exports_a_merged_model(tmp_path, prepared, rlhf_inputs):
     AutoModelForCausalLM.from_pretrained(tmp_path / "dpo")
 
 
+@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
 def test_killed_dpo_resumes_and_matches_an_uninterrupted_run(tmp_path, prepared, rlhf_inputs):
     full, cut = tmp_path / "full", tmp_path / "cut"
     full.mkdir()

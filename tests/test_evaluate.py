@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from cqa_rlhf.evaluation import bleu, rouge
+from cqa_rlhf.stats import correlation
 
 from conftest import run_stage, stage_env
 from helpers import tiny_params
@@ -88,6 +89,11 @@ def test_compare_is_a_leaderboard_with_win_rates_by_judge(evaluated):
         assert c["win_rate_ci95"][judge]["low"] <= rate <= c["win_rate_ci95"][judge]["high"]
         assert c["score_diff_ci95"][judge]["low"] <= c["score_diff"][judge] <= c["score_diff_ci95"][judge]["high"]
         assert 0.0 <= c["win_rate_ci95"][judge]["low"] and c["win_rate_ci95"][judge]["high"] <= 1.0
+    agree = board["judges"]["gold~classification"]  # the judges' agreement: SFT, base and Best-of-N answers
+    assert -1.0 <= agree["pearson"] <= 1.0 and -1.0 <= agree["spearman"] <= 1.0 and 0.0 <= agree["verdict_agreement"] <= 1.0
+    scores = {j: [v for p in ("base", "sft") for v in pd.read_parquet(work / "eval" / p / "generations.parquet")[j]]
+              + list(pd.read_parquet(work / "eval" / "bon" / "generations.parquet")[j]) for j in ("score_classification", "gold")}
+    assert agree["pearson"] == round(correlation(scores["score_classification"], scores["gold"]), 6)
     plot = pd.read_csv(work / "metrics" / "compare.csv")
     assert list(plot.columns) == ["comparison", "win_rate", "ci_low", "ci_high"]
     assert set(plot["comparison"]) == {f"{p}: {j}" for p in ("sft", "bon", "bon_oracle") for j in ("classification", "gold")}

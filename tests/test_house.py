@@ -28,9 +28,8 @@ def test_no_function_in_src_is_longer_than_50_lines():
     assert not long, long
 
 
-def test_readme_layout_names_every_module_of_the_package():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    layout = readme[readme.index("## Layout"):]
+def test_docs_layout_names_every_module_of_the_package():
+    layout = (ROOT / "docs" / "reference" / "layout.md").read_text(encoding="utf-8")
     for path in sorted(SRC.glob("*.py")):
         if path.name != "__init__.py":
             assert f"src/cqa_rlhf/{path.name}" in layout, path.name

@@ -137,6 +137,7 @@ def test_separate_critic_and_fixed_kl(tmp_path, prepared, rlhf_inputs):
     assert [float(r.split("\t")[1]) for r in beta] == pytest.approx([0.05, 0.05])
 
 
+@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
 def test_killed_ppo_resumes_and_matches_an_uninterrupted_run(tmp_path, prepared, rlhf_inputs):
     full, cut = tmp_path / "full", tmp_path / "cut"
     full.mkdir()

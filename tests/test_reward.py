@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from cqa_rlhf.config import ModelConfig, PromptConfig
@@ -15,6 +16,7 @@ from cqa_rlhf.losses import center_penalty, pairwise_loss, regression_loss
 from cqa_rlhf.models import build_model
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.batches import pad_rows
+from cqa_rlhf.data.tables import question_half, read_table, training_rows
 from cqa_rlhf.reward import normalization, pair_metrics, reward_forward, score
 from cqa_rlhf.tokenizer import load_tokenizer
 
@@ -118,6 +120,47 @@ def test_tiny_reward_run_beats_the_untrained_head_and_exports(tmp_path, pairs_da
     assert math.isfinite(m["mean_margin"]) and 0 <= m["length_baseline_accuracy"] <= 1
 
 
+def test_question_halves_are_disjoint_fixed_and_even(pairs_data):
+    rows = read_table(pairs_data / "prepared" / "train" / "pairs").to_pylist()
+    a, b = training_rows(rows, "half_a"), training_rows(rows, "half_b")
+    qa, qb = {r["question_id"] for r in a}, {r["question_id"] for r in b}
+    assert not qa & qb and qa | qb == {r["question_id"] for r in rows} and len(a) + len(b) == len(rows)
+    assert 0.35 < len(qa) / len(qa | qb) < 0.65
+    assert training_rows(rows, "all") == rows
+    assert [question_half(i) for i in (0, 1, 2, -5, 2**62)] == [question_half(i) for i in (0, 1, 2, -5, 2**62)]
+    assert {question_half(i) for i in range(40)} == {"half_a", "half_b"}
+
+
+def test_a_judge_on_half_b_learns_from_half_b_only(tmp_path, pairs_data):
+    """One epoch on the half: the steps are its batches, and the export records the half."""
+    params = _reward_params(pairs_data, tmp_path, "classification", train_questions="half_b", max_epochs=1,
+                            max_steps=-1, val_check_interval=5)
+    proc = run_stage("reward", params, tmp_path, args=("--kind", "classification"))
+    assert proc.returncode == 0, proc.stderr
+    rows = read_table(pairs_data / "prepared" / "train" / "pairs").to_pylist()
+    half = training_rows(rows, "half_b")
+    assert json.loads((tmp_path / "classification.json").read_text())["steps"] == math.ceil(len(half) / 16) < len(rows) / 16
+    assert yaml.safe_load((tmp_path / "classification" / "params.yaml").read_text())["reward"]["classification"][
+        "train_questions"] == "half_b"
+
+
+def test_a_reward_stage_from_the_sft_policy_logs_its_summary_line_only(tmp_path, prepared_session, rlhf_inputs):
+    """From the SFT policy the new score head is "missing" in transformers' load report: the log
+    must hold the stage's own line and nothing of the libraries' (no report, no ANSI colour)."""
+    params = tiny_params(prepared_session)
+    params["reward"] = {"regression": {"data": str(prepared_session / "prepared"), "sft_dir": str(rlhf_inputs / "sft"),
+                                       "out": str(tmp_path / "rm"), "metrics": str(tmp_path / "rm.json"),
+                                       "live_dir": str(tmp_path / "live"), "checkpoint_dir": str(tmp_path / "ckpt"),
+                                       "batch_size": 16, "max_length": 96, "max_steps": 4, "val_check_interval": 2}}
+    proc = run_stage("reward", params, tmp_path, args=("--kind", "regression"))
+    assert proc.returncode == 0, proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "\x1b[" not in log and "LOAD REPORT" not in log and "MISSING" not in log, log
+    assert [line for line in log.splitlines() if line.strip()] == [line for line in proc.stdout.splitlines() if
+                                                                  line.startswith("reward@regression: ")], log
+
+
+@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
 def test_killed_reward_stage_resumes_and_matches_an_uninterrupted_run(tmp_path, pairs_data):
     from conftest import run_until_killed
 

@@ -201,6 +201,18 @@ def test_tiny_sft_run_lowers_loss_and_exports_a_loadable_model(tmp_path, prepare
     assert not (tmp_path / "dvc.yaml").exists()
 
 
+def test_a_width_the_heads_do_not_divide_is_a_one_line_params_error(tmp_path, prepared):
+    params = tiny_params(prepared)
+    params["model"]["config"] = {**TINY_MODEL, "hidden_size": 130, "num_heads": 4}
+    params["sft"].update(out=str(tmp_path / "sft"), metrics=str(tmp_path / "sft.json"), live_dir=str(tmp_path / "live"),
+                         checkpoint_dir=str(tmp_path / "ckpt"))
+    proc = run_stage("sft", params, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model.config: ") and "divisible by num_heads" in lines[0], proc.stderr
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "sft.json").exists()
+
+
 def test_same_params_twice_give_identical_metrics(tmp_path, prepared):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -210,6 +222,7 @@ def test_same_params_twice_give_identical_metrics(tmp_path, prepared):
     assert (tmp_path / "a/sft/model.safetensors").read_bytes() == (tmp_path / "b/sft/model.safetensors").read_bytes()
 
 
+@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path, prepared):
     full, cut = tmp_path / "full", tmp_path / "cut"
     full.mkdir()

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from cqa_rlhf.stats import bootstrap_ci, exact_mean, interval, paired_comparison, resample_indices, wilson, win_points
+from cqa_rlhf.stats import (bootstrap_ci, correlation, exact_mean, interval, paired_comparison, ranks, resample_indices,
+                            verdict_agreement, wilson, win_points)
 
 
 def test_wilson_matches_hand_computed_intervals():
@@ -59,3 +60,26 @@ def test_paired_comparison_uses_the_same_questions_for_both_figures():
 
 def test_interval_is_a_mapping_dvc_can_show():
     assert interval((0.123456, 0.98765)) == {"low": 0.1235, "high": 0.9877}
+
+
+def test_ranks_share_ties_mean_rank():
+    assert ranks([10.0, 30.0, 20.0, 20.0]) == [1.0, 4.0, 2.5, 2.5]
+    assert ranks([5.0, 5.0, 5.0]) == [2.0, 2.0, 2.0]
+
+
+def test_correlation_hand_computed():
+    # x = 1, 2, 3; y = 1, 3, 2: deviations (-1, 0, 1) and (-1, 1, 0): sxy = 1, sxx = syy = 2 -> r = 0.5
+    assert correlation([1.0, 2.0, 3.0], [1.0, 3.0, 2.0]) == 0.5
+    assert correlation([1.0, 2.0, 3.0], [6.0, 4.0, 2.0]) == -1.0
+    assert math.isnan(correlation([1.0, 1.0], [1.0, 2.0]))  # a constant judge has no correlation
+    # Spearman = Pearson on ranks: a monotone but not linear relation is 1
+    assert correlation(ranks([1.0, 2.0, 10.0]), ranks([1.0, 4.0, 100.0])) == 1.0 > correlation([1.0, 2.0, 10.0], [1.0, 4.0, 100.0])
+    with pytest.raises(ValueError):
+        correlation([1.0], [1.0])
+
+
+def test_verdict_agreement_counts_win_tie_and_loss_alike():
+    # verdicts: (win, win) same, (loss, win) differ, (tie, tie) same, (win, tie) differ -> 2 of 4
+    assert verdict_agreement([0.3, -0.1, 0.0, 2.0], [1.0, 0.2, 0.0, 0.0]) == 0.5
+    with pytest.raises(ValueError):
+        verdict_agreement([1.0], [])

@@ -94,12 +94,25 @@ class PairsConfig(Section):
     max_pairs_per_question: int = Field(10, ge=1)
 
 
+class HFSourceConfig(Section):
+    """A ``datasets`` source (``data.format: hf``; see cqa_rlhf.data.hf_source): its layout,
+    the columns that play each role where they differ from the layout's defaults, and where
+    split names other than train/validation/test go."""
+
+    layout: Literal["auto", "pairs", "labelled_pairs", "ranked_answers"] = "auto"
+    columns: dict[str, str] = {}  # role -> column (or struct field), e.g. {question: title}
+    splits: dict[str, Literal["train", "val", "test"]] = {}  # dataset split -> project split
+    revision: str | None = None  # a Hub source's revision (branch, tag or commit)
+
+
 class DataConfig(Section):
-    # Posts.xml, a site folder with Posts.xml, a site .7z, the original project's JSON, or a
+    # Posts.xml, a site folder with Posts.xml, a site .7z, the original project's JSON, a
+    # ``datasets`` source (a save_to_disk folder, parquet/JSON-lines files, hf://owner/name), or a
     # folder of site folders/.7z files (several sites at once; ``sites`` picks some of them).
     source: str = "data/raw/synthetic"
     sites: list[str] | None = None  # names of sites inside ``source``; null: every site there
-    format: Literal["auto", "stackexchange", "json"] = "auto"
+    format: Literal["auto", "stackexchange", "json", "hf"] = "auto"
+    hf: HFSourceConfig = HFSourceConfig()
     out: str = "data/prepared"
     metrics: str = "metrics/data.json"
     split_seed: int = 0
@@ -235,7 +248,7 @@ class PromptConfig(Section):
         return self
 
 
-LoraStage = Literal["sft", "reward", "ppo", "dpo", "grpo"]
+LoraStage = Literal["sft", "reward", "ppo", "dpo", "grpo", "online_dpo"]
 
 
 class LoraConfig(Section):
@@ -246,7 +259,7 @@ class LoraConfig(Section):
     alpha: float = Field(16.0, gt=0.0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"  # peft's name for every linear layer but the head
-    stages: list[LoraStage] = Field(default_factory=lambda: ["sft", "reward", "ppo", "dpo", "grpo"])
+    stages: list[LoraStage] = Field(default_factory=lambda: ["sft", "reward", "ppo", "dpo", "grpo", "online_dpo"])
     # blocks that get adapters (negative: from the end); empty: every block. Gradients then stop
     # at the lowest adapted block, so the backward pass skips the blocks below it.
     layers: list[int] = Field(default_factory=list)
@@ -265,7 +278,7 @@ class ModelConfig(Section):
     lora: LoraConfig = LoraConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded
     # Trained models recompute each block's activations in backward: ~1/3 more compute, the
-    # activation memory of one block instead of all (README, "Scaling out").
+    # activation memory of one block instead of all (docs/scaling.md).
     gradient_checkpointing: bool = False
 
 
@@ -432,7 +445,16 @@ class SFTConfig(TrainConfig):
 # --------------------------------------------------------------------------------------------
 # reward: two reward models, one DVC foreach stage (reward@regression, reward@classification)
 # --------------------------------------------------------------------------------------------
-class RewardKindConfig(TrainConfig):
+class QuestionHalf(Section):
+    """The training questions a stage learns preferences from: all, or one of two disjoint halves
+    (by a hash of the question id). A judge trained on one half never saw the other half's
+    preferences: train the policy's reward model (and DPO) on half_a and the judge on half_b,
+    the honest judge for real data."""
+
+    train_questions: Literal["all", "half_a", "half_b"] = "all"
+
+
+class RewardKindConfig(TrainConfig, QuestionHalf):
     data: str = "data/prepared"
     init: Literal["sft", "model"] = "sft"  # from the SFT policy (InstructGPT) or model.name/config
     sft_dir: str = "models/sft"
@@ -629,7 +651,7 @@ class OnlineDPOConfig(OnlineRLConfig, PreferenceLossConfig):
 # --------------------------------------------------------------------------------------------
 # dpo: offline preference optimisation on the pairs tables
 # --------------------------------------------------------------------------------------------
-class DPOConfig(TrainConfig, PreferenceLossConfig):
+class DPOConfig(TrainConfig, PreferenceLossConfig, QuestionHalf):
     """DPO (``loss: sigmoid``), IPO (``ipo``) or conservative DPO (``label_smoothing`` > 0) on
     the ``pairs`` tables, from the SFT policy with the frozen SFT policy as reference (its
     log-probs computed once, before the fit). Batches count pairs."""

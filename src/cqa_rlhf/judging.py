@@ -15,10 +15,12 @@ import pyarrow.parquet as pq
 
 from cqa_rlhf.config import DataConfig, EvaluateConfig, PromptConfig, SynthConfig
 from cqa_rlhf.data.synthetic import gold
+from cqa_rlhf.data.tables import read_table
+from cqa_rlhf.errors import DataError
 from cqa_rlhf.evaluation import bleu, rouge
 from cqa_rlhf.generation import Generation
 from cqa_rlhf.io import atomic_path
-from cqa_rlhf.reward import load_judge
+from cqa_rlhf.reward import Judge, load_judge
 from cqa_rlhf.rollout import score_generations
 
 
@@ -27,6 +29,20 @@ def use_gold(cfg: EvaluateConfig, data: DataConfig, synth: SynthConfig) -> bool:
     if cfg.gold != "auto":
         return cfg.gold == "on"
     return Path(data.source).resolve() == Path(synth.out).resolve()
+
+
+def load_test_questions(cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
+    """The test questions and their reference answers (the first ``max_questions``)."""
+    rows = read_table(Path(cfg.data) / "test" / "sft").to_pylist()[: cfg.max_questions]
+    if not rows:
+        raise DataError(f"{cfg.data}/test/sft: no test questions")
+    return [r["question"] for r in rows], [r["answer"] for r in rows]
+
+
+def normalised(mean: float, norm: tuple[float, float] | None) -> float:
+    """A reward model's mean score in its normalised units (``norm``: mean, std on the SFT
+    training answers); as is when the model has no normalisation."""
+    return mean if norm is None else (mean - norm[0]) / norm[1]
 
 
 @dataclass
@@ -47,23 +63,34 @@ class Judged:
             out[key] = round(statistics.fmean(values), 6)
             name = key.removeprefix("score_")
             if name in self.norms:
-                mean, std = self.norms[name]
-                out[f"{key}_normalized"] = round((statistics.fmean(values) - mean) / std, 6)
+                out[f"{key}_normalized"] = round(normalised(statistics.fmean(values), self.norms[name]), 6)
         return out
+
+
+def load_judges(cfg: EvaluateConfig, prompt: PromptConfig, tok) -> dict[str, Judge]:
+    """Every reward model of ``cfg.reward_models``, by name, for a policy with tokenizer ``tok``."""
+    return {name: load_judge(path, f"evaluate.reward_models.{name}", prompt, tok)
+            for name, path in sorted(cfg.reward_models.items())}
 
 
 def judge(gens: Sequence[Generation], cfg: EvaluateConfig, prompt: PromptConfig, tok, with_gold: bool) -> Judged:
     """Every reward model of ``cfg.reward_models`` scores every answer; gold where it exists."""
-    columns: dict[str, list[float]] = {}
-    norms: dict[str, tuple[float, float]] = {}
-    for name, path in sorted(cfg.reward_models.items()):
-        j = load_judge(path, f"evaluate.reward_models.{name}", prompt, tok)
-        columns[f"score_{name}"] = score_generations(j.model, gens, tok.pad_token_id, cfg.max_length,
-                                                     cfg.score_batch_size, j.retokenize)
-        norms[name] = j.norm
+    judges = load_judges(cfg, prompt, tok)
+    columns = {f"score_{name}": score_generations(j.model, gens, tok.pad_token_id, cfg.max_length,
+                                                  cfg.score_batch_size, j.retokenize)
+               for name, j in judges.items()}
+    norms = {name: j.norm for name, j in judges.items()}
     if with_gold:
         columns["gold"] = [gold(g.question, g.text) for g in gens]
     return Judged(columns, norms)
+
+
+def summary_line(stage: str, metrics: dict, seconds: float, out: Path) -> str:
+    """The line a judging stage prints: questions, every judge's mean, KL, BLEU, time, output."""
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                      if (k.startswith("score_") or k.startswith("gold")) and not k.endswith("normalized"))
+    return (f"{stage}: {metrics['questions']} questions; {shown}; KL {metrics['kl_to_reference']:.2f}; "
+            f"BLEU {metrics['bleu']:.2f}; {seconds:.0f}s -> {out}")
 
 
 def answer_metrics(gens: Sequence[Generation], references: Sequence[str], with_gold: bool) -> dict[str, float]:

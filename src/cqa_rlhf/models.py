@@ -33,8 +33,9 @@ from transformers import (
 )
 
 from cqa_rlhf.config import LoraConfig, ModelConfig
-from cqa_rlhf.errors import DataError
+from cqa_rlhf.errors import ConfigError, DataError
 from cqa_rlhf.exact_math import use_thread_free_layer_norms
+from cqa_rlhf.progress import transformers_silent
 
 Kind = Literal["causal", "reward", "value"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,7 +61,8 @@ def _tie_to_tokenizer(m: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     """Embeddings cover the tokenizer (a pretrained tokenizer may have gained a pad token), and
     the config names the pad/EOS ids, so padded batches and generation stop correctly."""
     if m.get_input_embeddings().num_embeddings < len(tokenizer):
-        m.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        with transformers_silent():  # its notice says what mean_resizing does; we asked for it
+            m.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     m.config.pad_token_id = tokenizer.pad_token_id
     m.config.eos_token_id = tokenizer.eos_token_id
     if getattr(m, "generation_config", None) is not None:
@@ -102,10 +104,14 @@ def _load(auto, source: str | None, model: ModelConfig, tokenizer: PreTrainedTok
         # (model, loading info) when kwargs ask for it; LayerNorm gradients free of the thread count
         use_thread_free_layer_norms(loaded[0] if isinstance(loaded, tuple) else loaded)
         return loaded
-    config = fresh_config(model, tokenizer)
-    for key, value in kwargs.items():
-        setattr(config, key, value)
-    return use_thread_free_layer_norms(auto.from_config(config).to(dtype))
+    try:  # a family's own checks (e.g. heads must divide the width) become one params error
+        config = fresh_config(model, tokenizer)
+        for key, value in kwargs.items():
+            setattr(config, key, value)
+        built = auto.from_config(config)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.config: {str(exc).splitlines()[0]}") from None
+    return use_thread_free_layer_norms(built.to(dtype))
 
 
 def _load_reward(source: str | None, model: ModelConfig,
@@ -113,8 +119,12 @@ def _load_reward(source: str | None, model: ModelConfig,
     """A sequence-classification model with one label, and whether its ``score`` head is new."""
     if source is None:
         return _load(AutoModelForSequenceClassification, None, model, tokenizer, num_labels=1), True
-    rm, info = _load(AutoModelForSequenceClassification, source, model, tokenizer, num_labels=1,
-                     output_loading_info=True)
+    with transformers_silent():  # its load report lists the new head: checked here instead
+        rm, info = _load(AutoModelForSequenceClassification, source, model, tokenizer, num_labels=1,
+                         output_loading_info=True)
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith("score."))
+    if missing:
+        raise DataError(f"{source}: weights missing for a reward model: {', '.join(missing[:5])}")
     return rm, any(k.startswith("score.") for k in info["missing_keys"])
 
 

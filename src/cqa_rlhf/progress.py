@@ -8,6 +8,7 @@ gets no carriage-return lines. Each stage still prints its one summary line on s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -66,6 +67,7 @@ _NOISE = (
     r"Checkpoint directory .* exists and is not empty.*",  # ours: it holds the resume fingerprint
     r".*does not have many workers which may be a bottleneck.*",  # in-memory lists need no workers
     r"`is_gradient_checkpointing` is deprecated.*",  # peft asks transformers with the old name
+    r".*is smaller than the logging interval.*",  # a short run logs less often than log_every_n_steps: fine
 )
 
 
@@ -78,3 +80,17 @@ def quiet() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     if "transformers" in sys.modules:  # imported before cqa_rlhf set HF_HUB_DISABLE_PROGRESS_BARS
         sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def transformers_silent() -> Iterator[None]:
+    """transformers' warnings off for a call whose outcome the caller checks itself (a reward
+    model's load report listing its new head, the embedding-resize notice)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)

@@ -73,3 +73,37 @@ def paired_comparison(candidate: Sequence[float], baseline: Sequence[float],
 def interval(bounds: tuple[float, float], digits: int = 4) -> dict[str, float]:
     """An interval as metrics (``{"low", "high"}``: DVC shows nested keys, not lists)."""
     return {"low": round(bounds[0], digits), "high": round(bounds[1], digits)}
+
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing their mean rank (Spearman's convention)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i: j + 1]:
+            out[k] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's r with ``math.fsum`` sums (the same on every CPU); nan when either is constant."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError("correlation: two equally long lists of at least 2 values needed")
+    mx, my = exact_mean(x), exact_mean(y)
+    sxy = math.fsum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = math.fsum((a - mx) ** 2 for a in x), math.fsum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def verdict_agreement(first: Sequence[float], second: Sequence[float]) -> float:
+    """How often two judges call the same verdict on paired comparisons, given each judge's score
+    differences (candidate - baseline) on the same pairs: win, tie or loss alike."""
+    if len(first) != len(second) or not first:
+        raise ValueError("verdicts: two equally long, non-empty lists needed")
+    sign = lambda d: (d > 0) - (d < 0)  # noqa: E731
+    return sum(sign(a) == sign(b) for a, b in zip(first, second)) / len(first)

@@ -262,7 +262,7 @@ def refuse_sharded(trainer: TrainerConfig, stage: str, why: str) -> None:
     """A stage that needs whole weights on every process stops with one line under a sharded strategy."""
     if is_sharded(trainer.strategy):
         raise ConfigError(f"trainer.strategy {trainer.strategy!r} shards the policy's weights, "
-                          f"and {stage} {why}; use ddp (see the README's memory table)")
+                          f"and {stage} {why}; use ddp (see the memory table in docs/scaling.md)")
 
 
 def shards_weights(strategy) -> bool:
@@ -504,6 +504,9 @@ def publish(trainer: L.Trainer, model: nn.Module, tokenizer: PreTrainedTokenizer
     write_json_atomic(metrics_path, metrics)
     if timing is not None:
         write_timing(*timing)
+        # dvc.yaml declares <live_dir>/plots/metrics; a run too short to log a step (one
+        # iteration under log_every_n_steps) leaves it empty rather than missing
+        (Path(timing[0]) / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
     print(summary)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from cqa_rlhf.data.html import html_to_text
 from cqa_rlhf.errors import DataError
 
-_SPLIT_KEYS = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
+SPLIT_KEYS = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
 _SCORED = ("Question", "Answer", "Score")
 _CONTRAST = ("Question", "Accepted_Answer", "Answer")
 
@@ -27,7 +27,7 @@ def is_json_source(path: Path) -> bool:
     return path.suffix.lower() == ".json"
 
 
-def _id(*parts: str) -> int:
+def text_id(*parts: str) -> int:
     """Stable positive 63-bit id from text (JSON records carry no ids)."""
     h = hashlib.blake2b("\x1f".join(parts).encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(h, "big") >> 1
@@ -50,7 +50,7 @@ def _load(path: Path) -> dict:
     if not isinstance(data, dict):
         raise DataError(f"{path}: top level must be an object with 'train'/'test' lists")
     for key in data:
-        if key not in _SPLIT_KEYS:
+        if key not in SPLIT_KEYS:
             raise DataError(f"{path}: unknown top-level key {key!r} (expected train, val or test)")
     return data
 
@@ -63,12 +63,12 @@ def read_json(path: Path) -> tuple[list[tuple], list[tuple]]:
     answers: dict[int, tuple] = {}
 
     def add_answer(qid: int, text: str, votes: float | None) -> int:
-        aid = _id(str(qid), text)
+        aid = text_id(str(qid), text)
         answers.setdefault(aid, (aid, qid, text, votes))
         return aid
 
     for split_key, records in data.items():
-        split = _SPLIT_KEYS[split_key]
+        split = SPLIT_KEYS[split_key]
         if not isinstance(records, list):
             raise DataError(f"{path}: {split_key}: must be a list of records")
         for i, rec in enumerate(records):
@@ -83,7 +83,7 @@ def read_json(path: Path) -> tuple[list[tuple], list[tuple]]:
                 if f != "Score" and not isinstance(rec[f], str):
                     raise DataError(f"{where}: field {f!r} must be a string")
             question = html_to_text(rec["Question"])
-            qid = _id(question)
+            qid = text_id(question)
             entry = questions.setdefault(qid, [question, None, split])
             if fields is _SCORED:
                 score = rec["Score"]

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from cqa_rlhf.config import DataConfig
 from cqa_rlhf.data.html import html_to_text
+from cqa_rlhf.data.hf_source import hub_id, is_hf_source, read_hf
 from cqa_rlhf.data.json_source import is_json_source, read_json
 from cqa_rlhf.data.stackexchange import (
     ANSWER,
@@ -200,9 +201,11 @@ def _worker(inbox: mp.Queue, outbox: mp.Queue, workdir: str, n_shards: int, tag:
         outbox.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def shard_json(path: Path, workdir: Path, n_shards: int, cfg: DataConfig, flush_bytes: int) -> IngestStats:
-    """Pass 1 for the original project's JSON layout (read whole; see json_source)."""
-    questions, answers = read_json(path)
+def shard_records(records: tuple[list[tuple], list[tuple]], workdir: Path, n_shards: int, cfg: DataConfig,
+                  flush_bytes: int) -> IngestStats:
+    """Pass 1 for sources read whole into records (the original project's JSON layout, a
+    ``datasets`` source): questions (qid, text, accepted_id, split), answers (aid, qid, text, votes)."""
+    questions, answers = records
     writer = ShardWriter(workdir, n_shards, "w0", flush_bytes)
     for qid, text, accepted, split in questions:
         writer.add_question(hash_key(cfg.split_seed, qid), qid, text, accepted, split)
@@ -611,6 +614,8 @@ def site_name(source: Path) -> str:
 
 def _is_dump(path: Path) -> bool:
     """One site: a Posts.xml, .7z or JSON file, or a folder with a Posts.xml or a single .7z."""
+    if is_hf_source(path):
+        return True
     if path.is_dir():
         children = list(path.iterdir())
         return any(c.name.lower() == "posts.xml" for c in children) or sum(c.suffix.lower() == ".7z" for c in children) == 1
@@ -621,6 +626,8 @@ def resolve_sources(cfg: DataConfig) -> list[tuple[str, Path]]:
     """(site, path) of every source: ``data.source`` itself when it is one dump, or the site
     folders/.7z files inside it (those named in ``data.sites``, else all), sorted by name."""
     root = Path(cfg.source)
+    if hub_id(cfg.source) is not None:
+        return [(hub_id(cfg.source).replace("/", "__"), root)]
     if not root.exists():
         raise DataError(f"{root}: source not found")
     if cfg.sites is None and _is_dump(root):
@@ -684,15 +691,34 @@ def combined_metrics(per_site: dict[str, dict]) -> dict:
     return out
 
 
+def source_format(cfg: DataConfig, source: Path) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    return "hf" if is_hf_source(source) else "json" if is_json_source(source) else "stackexchange"
+
+
+def read_source(cfg: DataConfig, source: Path, scratch_root: Path) -> tuple[DumpSource | None, tuple | None]:
+    """A dump to stream (Stack Exchange), or the records of a source read whole (JSON, datasets)."""
+    fmt = source_format(cfg, source)
+    if fmt == "stackexchange":
+        return resolve_dump(source), None
+    if fmt == "hf":
+        return None, read_hf(source, cfg.hf, scratch_root)
+    if not source.is_file():
+        raise DataError(f"{source}: source not found")
+    return None, read_json(source)
+
+
+def records_bytes(records: tuple[list[tuple], list[tuple]]) -> int:
+    """The records' text size: what plans the shards of a source read whole."""
+    questions, answers = records
+    return sum(len(q[1]) for q in questions) + sum(len(a[2]) for a in answers)
+
+
 def _prepare_site(cfg: DataConfig, site: str, source: Path, tmp_out: Path, scratch_root: Path) -> dict:
     """Both passes over one dump into ``tmp_out`` (tables carry ``site``); returns its metrics."""
-    fmt = cfg.format
-    if fmt == "auto":
-        fmt = "json" if is_json_source(source) else "stackexchange"
-    dump = resolve_dump(source) if fmt == "stackexchange" else None
-    if fmt == "json" and not source.is_file():
-        raise DataError(f"{source}: source not found")
-    run = plan(dump.size_bytes if dump is not None else source.stat().st_size, cfg)
+    dump, records = read_source(cfg, source, scratch_root)
+    run = plan(dump.size_bytes if dump is not None else records_bytes(records), cfg)
     os.environ.setdefault(*ARROW_POOL_ENV)  # for the workers spawned below
     workdir = scratch_root / f".{Path(cfg.out).name}.shards-{os.getpid()}"
     shutil.rmtree(workdir, ignore_errors=True)
@@ -703,7 +729,7 @@ def _prepare_site(cfg: DataConfig, site: str, source: Path, tmp_out: Path, scrat
         if dump is not None:
             ingest = shard_dump(dump, workdir, run.shards, cfg, run.workers, run.flush_bytes, get_pool)
         else:
-            ingest = shard_json(source, workdir, run.shards, cfg, run.flush_bytes)
+            ingest = shard_records(records, workdir, run.shards, cfg, run.flush_bytes)
         stats = _build_tables(workdir, tmp_out, run.shards, cfg, run.workers, get_pool, site)
         if not any(stats.counts[s]["prompts"] for s in SPLITS):
             raise DataError(f"{source}: no question survived the filters; nothing to prepare")

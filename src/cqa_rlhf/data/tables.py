@@ -6,6 +6,7 @@ are not rerun for changes to) HTML cleaning or dump parsing.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -66,3 +67,15 @@ def read_table(path: str | Path) -> pa.Table:
     if not parts:
         raise DataError(f"{path}: no prepared table here (run the data stage)")
     return pa.concat_tables([pq.read_table(p) for p in parts])
+
+
+def question_half(question_id: int) -> str:
+    """``half_a`` or ``half_b``: a fixed split of the questions by a hash of their id, the same
+    in every run (hashing evens out any pattern in the ids)."""
+    digest = hashlib.blake2b(int(question_id).to_bytes(8, "big", signed=True), digest_size=1, person=b"cqa-half").digest()
+    return "half_a" if digest[0] % 2 == 0 else "half_b"
+
+
+def training_rows(rows: list[dict], which: str) -> list[dict]:
+    """The rows of the training questions a model learns from (``train_questions``: all, half_a, half_b)."""
+    return rows if which == "all" else [r for r in rows if question_half(r["question_id"]) == which]

@@ -17,11 +17,11 @@ from cqa_rlhf.bon_math import kl_bound
 from cqa_rlhf.config import BoNConfig, DataConfig, EvaluateConfig, PromptConfig, SynthConfig
 from cqa_rlhf.errors import ConfigError, cli
 from cqa_rlhf.io import write_json_atomic
-from cqa_rlhf.judging import answer_metrics, generation_columns, judge, use_gold, write_generations
+from cqa_rlhf.judging import (answer_metrics, generation_columns, judge, load_test_questions, summary_line,
+                               use_gold, write_generations)
 from cqa_rlhf.models import exported_dir, load_frozen
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.stages.common import Params, stage_args
-from cqa_rlhf.stages.evaluate import load_test_questions, summary_line
 from cqa_rlhf.tokenizer import load_tokenizer
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -21,6 +22,7 @@ from cqa_rlhf.config import (
     seeded,
 )
 from cqa_rlhf import numerics
+from cqa_rlhf.errors import ConfigError
 from cqa_rlhf.progress import quiet
 
 C = TypeVar("C", bound=Section)
@@ -36,6 +38,24 @@ def stage_parser(description: str | None) -> argparse.ArgumentParser:
 
 def stage_args(description: str | None, argv: list[str] | None = None) -> argparse.Namespace:
     return stage_parser(description).parse_args(argv)
+
+
+def entry_args(description: str | None, flag: str, argv: list[str] | None = None, **argument) -> tuple[Params, str]:
+    """A stage run once per entry of a params mapping (``--policy``, ``--name``, ``--kind``):
+    params read, and the entry's name (``argument``: argparse's options of the flag)."""
+    parser = stage_parser(description)
+    parser.add_argument(flag, required=True, **argument)
+    args = parser.parse_args(argv)
+    return Params.read(args.params), getattr(args, flag.removeprefix("--"))
+
+
+def entry_name(name: str, entries: Iterable[str], key: str, params_path: str) -> str:
+    """``name`` when it is one of ``entries`` (the keys of params ``key``), else a one-line
+    params error naming the key and the entries there are."""
+    entries = sorted(entries)
+    if name not in entries:
+        raise ConfigError(f"{params_path}: {key}.{name}: no such entry (have {', '.join(entries) or 'none'})")
+    return name
 
 
 @dataclass(frozen=True)

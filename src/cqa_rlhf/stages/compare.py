@@ -2,13 +2,14 @@
 test questions, by every judge (each reward model, and gold where it exists): win rate and mean
 paired score difference, each with a 95% paired-bootstrap interval over questions (the same
 resamples for every policy and judge); beside them each policy's KL to the reference, answer
-length, EOS rate and the wall time of the stage that trained it (params: evaluate, compare, and
-the `live_dir` of each stage in compare.methods)."""
+length, EOS rate and the wall time of the stage that trained it; and how much the judges agree
+with each other (params: evaluate, compare, and the `live_dir` of each stage in compare.methods)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from cqa_rlhf.config import SECTIONS, BoNConfig, CompareConfig, EvaluateConfig
 from cqa_rlhf.errors import ConfigError, DataError, cli
 from cqa_rlhf.io import atomic_path, write_json_atomic, write_text_atomic
 from cqa_rlhf.stages.common import Params, stage_args
-from cqa_rlhf.stats import interval, paired_comparison, resample_indices
+from cqa_rlhf.stats import correlation, interval, paired_comparison, ranks, resample_indices, verdict_agreement
 
 FIELDS = ("win_rate", "win_rate_ci95", "score_diff", "score_diff_ci95")
 ORACLE = "bon_oracle"  # Best-of-N picked by gold: the headroom of reranking, never a method
@@ -81,7 +82,30 @@ def leaderboard(tables: dict[str, dict], baseline: str) -> dict:
             metrics[f"{name}_vs_{baseline}"] = {f: {j: m[f] for j, m in judged.items()} for f in FIELDS}
     metrics["policies"] = {name: policy_summary(table) for name, table in tables.items()}
     metrics["oracles"] = [name for name in tables if name == ORACLE]
+    metrics["judges"] = judge_agreement({k: v for k, v in tables.items() if k != ORACLE}, baseline, judges)
     return metrics
+
+
+def finite(value: float) -> float | None:
+    """A metric rounded, or null where it is undefined (JSON has no NaN)."""
+    return None if math.isnan(value) else round(value, 6)
+
+
+def judge_agreement(tables: dict[str, dict], baseline: str, judges: list[str]) -> dict:
+    """Every pair of judges: Pearson and Spearman correlation of their scores over every answer
+    of every policy, and how often they call the same verdict on a policy's answer against the
+    baseline's. Two judges that agree on everything are one judge, not two."""
+    out = {}
+    for i, a in enumerate(judges):
+        for b in judges[i + 1:]:
+            xs = [v for t in tables.values() for v in t[a]]
+            ys = [v for t in tables.values() for v in t[b]]
+            diffs = {j: [c - r for n, t in tables.items() if n != baseline for c, r in zip(t[j], tables[baseline][j])]
+                     for j in (a, b)}
+            out[f"{a.removeprefix('score_')}~{b.removeprefix('score_')}"] = {
+                "pearson": finite(correlation(xs, ys)), "spearman": finite(correlation(ranks(xs), ranks(ys))),
+                "verdict_agreement": round(verdict_agreement(diffs[a], diffs[b]), 6) if diffs[a] else None}
+    return out
 
 
 def write_plot(path: str | Path, metrics: dict) -> None:

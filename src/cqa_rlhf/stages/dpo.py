@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from cqa_rlhf.batches import EvalBatchSampler, LengthGroupedBatchSampler, ListDataset, PairCollator, ResumableDataLoader, pair_lengths
 from cqa_rlhf.config import DPOConfig
-from cqa_rlhf.data.tables import read_table
+from cqa_rlhf.data.tables import read_table, training_rows
 from cqa_rlhf.dpo import DPOModule, add_reference_logps, encode_preferences, implicit_reward_pairs
 from cqa_rlhf.errors import DataError, cli
 from cqa_rlhf.models import build_model, disable_dropout, exported_dir, merge_lora, num_layers
@@ -25,12 +25,14 @@ from cqa_rlhf.training import apply_freeze, fingerprint, load_best_weights, prep
 
 
 def load_pairs(cfg: DPOConfig, fmt: PromptFormatter) -> dict[str, tuple[list[dict], list[dict]]]:
-    """Each split's pairs table: (rows, encoded items)."""
+    """Each split's pairs table: (rows, encoded items); training pairs of ``cfg.train_questions``."""
     out = {}
     for split in ("train", "val", "test"):
         rows = read_table(Path(cfg.data) / split / "pairs").to_pylist()
+        if split == "train":
+            rows = training_rows(rows, cfg.train_questions)
         if not rows and split != "test":
-            raise DataError(f"{cfg.data}/{split}/pairs: no preference pairs for dpo")
+            raise DataError(f"{cfg.data}/{split}/pairs: no preference pairs for dpo (train_questions: {cfg.train_questions})")
         out[split] = (rows, encode_preferences(rows, fmt, cfg.max_length))
     return out
 

@@ -9,31 +9,16 @@ import time
 from pathlib import Path
 
 from cqa_rlhf.config import DataConfig, EvaluateConfig, PromptConfig, SynthConfig
-from cqa_rlhf.data.tables import read_table
-from cqa_rlhf.errors import ConfigError, DataError, cli
+from cqa_rlhf.errors import cli
 from cqa_rlhf.generation import generate
 from cqa_rlhf.io import write_json_atomic
-from cqa_rlhf.judging import answer_metrics, generation_columns, judge, use_gold, write_generations
+from cqa_rlhf.judging import (answer_metrics, generation_columns, judge, load_test_questions, summary_line,
+                               use_gold, write_generations)
 from cqa_rlhf.models import exported_dir, load_frozen
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.rollout import kl_to_reference
-from cqa_rlhf.stages.common import Params, stage_parser
+from cqa_rlhf.stages.common import entry_args, entry_name
 from cqa_rlhf.tokenizer import load_tokenizer
-
-
-def load_test_questions(cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
-    """The test questions and their reference answers (the first ``max_questions``)."""
-    rows = read_table(Path(cfg.data) / "test" / "sft").to_pylist()[: cfg.max_questions]
-    if not rows:
-        raise DataError(f"{cfg.data}/test/sft: no test questions")
-    return [r["question"] for r in rows], [r["answer"] for r in rows]
-
-
-def summary_line(stage: str, metrics: dict, seconds: float, out: Path) -> str:
-    shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                      if (k.startswith("score_") or k.startswith("gold")) and not k.endswith("normalized"))
-    return (f"{stage}: {metrics['questions']} questions; {shown}; KL {metrics['kl_to_reference']:.2f}; "
-            f"BLEU {metrics['bleu']:.2f}; {seconds:.0f}s -> {out}")
 
 
 def run(name: str, cfg: EvaluateConfig, prompt: PromptConfig, with_gold: bool) -> dict:
@@ -68,16 +53,11 @@ def run(name: str, cfg: EvaluateConfig, prompt: PromptConfig, with_gold: bool) -
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--policy", required=True, help="a key of evaluate.policies")
-    args = parser.parse_args(argv)
-    params = Params.read(args.params)
+    params, policy = entry_args(__doc__, "--policy", argv, help="a key of evaluate.policies")
     cfg = params.section("evaluate", EvaluateConfig)
-    if args.policy not in cfg.policies:
-        raise ConfigError(f"{args.params}: evaluate.policies: no policy {args.policy!r} "
-                          f"(have {', '.join(sorted(cfg.policies))})")
+    name = entry_name(policy, cfg.policies, "evaluate.policies", params.path)
     with_gold = use_gold(cfg, params.section("data", DataConfig), params.section("synth", SynthConfig))
-    run(args.policy, cfg, params.section("prompt", PromptConfig), with_gold)
+    run(name, cfg, params.section("prompt", PromptConfig), with_gold)
 
 
 if __name__ == "__main__":

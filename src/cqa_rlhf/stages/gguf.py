@@ -13,7 +13,7 @@ from cqa_rlhf.config import GGUFConfig, parse_section
 from cqa_rlhf.errors import ConfigError, DataError, cli
 from cqa_rlhf.io import replace_dir, resolve_resource, staging_dir, write_json_atomic
 from cqa_rlhf.models import load_gguf, logits_gap, plain_copy
-from cqa_rlhf.stages.common import Params, stage_parser
+from cqa_rlhf.stages.common import entry_args, entry_name
 
 
 def sha256(path: Path) -> str:
@@ -56,15 +56,11 @@ def run(name: str, cfg: GGUFConfig, pretrained_dir: str) -> dict:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--name", required=True, help="the entry of params `gguf` to convert")
-    args = parser.parse_args(argv)
-    params = Params.read(args.params)
+    params, name = entry_args(__doc__, "--name", argv, help="the entry of params `gguf` to convert")
     entries = params.data.get("gguf") or {}
-    if args.name not in entries:
-        raise ConfigError(f"{params.path}: gguf.{args.name}: no such entry")
-    cfg = parse_section({f"gguf.{args.name}": entries[args.name]}, f"gguf.{args.name}", GGUFConfig, params.path)
-    run(args.name, cfg, str(params.data.get("pretrained_dir", "models/pretrained")))
+    key = f"gguf.{entry_name(name, entries, 'gguf', params.path)}"
+    run(name, parse_section({key: entries[name]}, key, GGUFConfig, params.path),
+        str(params.data.get("pretrained_dir", "models/pretrained")))
 
 
 if __name__ == "__main__":

@@ -28,10 +28,10 @@ from cqa_rlhf.data.synthetic import gold
 from cqa_rlhf.data.tables import read_table
 from cqa_rlhf.errors import ConfigError, DataError, cli
 from cqa_rlhf.io import atomic_path, write_json_atomic
-from cqa_rlhf.judging import judge, use_gold
+from cqa_rlhf.judging import judge, load_judges, normalised, use_gold
 from cqa_rlhf.models import exported_dir, load_frozen
 from cqa_rlhf.prompts import PromptFormatter
-from cqa_rlhf.reward import load_judge, score
+from cqa_rlhf.reward import Judge, score
 from cqa_rlhf.stages.common import Params, stage_args
 from cqa_rlhf.tokenizer import load_tokenizer
 
@@ -61,38 +61,27 @@ def read_samples(samples_dir: Path, questions: set[str]) -> dict[int, list[dict]
     return out
 
 
-def text_judges(evaluate: EvaluateConfig, prompt: PromptConfig, tok) -> dict[str, tuple]:
-    """Every reward model as (model, the formatter that encodes answer texts for it, its norm)."""
-    out = {}
-    for name, path in sorted(evaluate.reward_models.items()):
-        j = load_judge(path, f"evaluate.reward_models.{name}", prompt, tok)
-        out[name] = (j.model, j.retokenize or PromptFormatter(prompt, tok), j.norm)
-    return out
-
-
-def judge_texts(rows: list[dict], judges: dict[str, tuple], evaluate: EvaluateConfig, with_gold: bool) -> Point:
+def judge_texts(rows: list[dict], judges: dict[str, Judge], fmt: PromptFormatter, evaluate: EvaluateConfig,
+                with_gold: bool) -> Point:
     """Every reward model's mean normalised score of the answer texts (cf. judging.judge, which
-    scores sampled ids), and the mean gold."""
+    scores sampled ids; ``fmt`` encodes the texts for a judge that shares the policy's
+    tokenizer), and the mean gold."""
     pairs = [(r["question"], r["answer"]) for r in rows]
-    out = {name: normalised_mean(score(model, fmt, pairs, evaluate.max_length, evaluate.score_batch_size), norm)
-           for name, (model, fmt, norm) in judges.items()}
+    out = {name: normalised(statistics.fmean(score(j.model, j.retokenize or fmt, pairs, evaluate.max_length,
+                                                   evaluate.score_batch_size)), j.norm)
+           for name, j in judges.items()}
     if with_gold:
         out["gold"] = statistics.fmean(gold(q, a) for q, a in pairs)
     return out
 
 
-def normalised_mean(values: list[float], norm: tuple[float, float] | None) -> float:
-    mean = statistics.fmean(values)
-    return mean if norm is None else (mean - norm[0]) / norm[1]
-
-
-def rl_curve(tables: dict[int, list[dict]], proxy: str, judges: dict[str, tuple], evaluate: EvaluateConfig,
-             with_gold: bool) -> list[Point]:
+def rl_curve(tables: dict[int, list[dict]], proxy: str, judges: dict[str, Judge], fmt: PromptFormatter,
+             evaluate: EvaluateConfig, with_gold: bool) -> list[Point]:
     """One point per held-out evaluation: KL, gold, proxy and every reward model (normalised)."""
     points = []
     for iteration, rows in sorted(tables.items()):
         kl = max(statistics.fmean(float(r["kl"]) for r in rows), 0.0)  # k1's mean can dip below 0 near SFT
-        point = {"step": iteration, "kl": kl, **judge_texts(rows, judges, evaluate, with_gold)}
+        point = {"step": iteration, "kl": kl, **judge_texts(rows, judges, fmt, evaluate, with_gold)}
         points.append({**point, "proxy": point[proxy]})
     return points
 
@@ -113,7 +102,7 @@ def bon_curve(cfg: OveroptConfig, bon: BoNConfig, questions: list[str], evaluate
             per_q = [best_of_n_expectation(proxy[g * m: (g + 1) * m], values[g * m: (g + 1) * m], n)
                      for g in range(len(questions))]
             name = key.removeprefix("score_")
-            point[name] = normalised_mean(per_q, judged.norms.get(name))
+            point[name] = normalised(statistics.fmean(per_q), judged.norms.get(name))
         points.append({**point, "proxy": point[bon.reward_model]})
     return points
 
@@ -171,11 +160,12 @@ def run(cfg: OveroptConfig, sections: dict, bon: BoNConfig, evaluate: EvaluateCo
     of Best-of-N; writes the metrics and the plot."""
     start, questions = time.perf_counter(), held_out(cfg)
     curves = {"bon": bon_curve(cfg, bon, questions, evaluate, prompt, with_gold)}
-    judges = text_judges(evaluate, prompt, load_tokenizer(tokenizer_dir))
+    tok = load_tokenizer(tokenizer_dir)
+    judges, fmt = load_judges(evaluate, prompt, tok), PromptFormatter(prompt, tok)
     for name, section in sections.items():
         tables = read_samples(Path(section.live_dir) / "samples", set(questions))
         proxy = proxy_name(evaluate, section.reward_model, f"{cfg.methods[name]}.reward_model")
-        curves[name] = rl_curve(tables, proxy, judges, evaluate, with_gold)
+        curves[name] = rl_curve(tables, proxy, judges, fmt, evaluate, with_gold)
     metrics = {"prompts": len(questions), "pool": cfg.pool,
                **{name: summarise(points, "bon" if name == "bon" else "rl", with_gold) for name, points in curves.items()}}
     write_json_atomic(cfg.metrics, metrics)

@@ -12,12 +12,12 @@ from torch.utils.data import DataLoader
 
 from cqa_rlhf.batches import EvalBatchSampler, LengthGroupedBatchSampler, ListDataset, ResumableDataLoader
 from cqa_rlhf.config import RewardConfig, RewardKindConfig
-from cqa_rlhf.data.tables import read_table
-from cqa_rlhf.errors import cli
+from cqa_rlhf.data.tables import read_table, training_rows
+from cqa_rlhf.errors import DataError, cli
 from cqa_rlhf.models import build_model, merge_lora, num_layers
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.reward import KINDS, RewardKind, score, test_pair_metrics
-from cqa_rlhf.stages.common import Params, Shared, stage_parser
+from cqa_rlhf.stages.common import Shared, entry_args
 from cqa_rlhf.tokenizer import load_tokenizer
 from cqa_rlhf.training import apply_freeze, fingerprint, load_best_weights, prepare_run, publish
 
@@ -55,8 +55,11 @@ def run(name: str, cfg: RewardKindConfig, shared: Shared) -> dict:
     tok = load_tokenizer(shared.tokenizer.out)
     fmt = PromptFormatter(shared.prompt, tok)
     data = Path(cfg.data)
-    train_items, val_items = (kind.encode(read_table(data / s / kind.table).to_pylist(), fmt, cfg.max_length)
-                              for s in ("train", "val"))
+    train_rows = training_rows(read_table(data / "train" / kind.table).to_pylist(), cfg.train_questions)
+    if not train_rows:
+        raise DataError(f"{data}/train/{kind.table}: no rows for reward.{name}.train_questions={cfg.train_questions}")
+    train_items = kind.encode(train_rows, fmt, cfg.max_length)
+    val_items = kind.encode(read_table(data / "val" / kind.table).to_pylist(), fmt, cfg.max_length)
 
     # 2. Model: the SFT policy's backbone (InstructGPT) or model.name/config, with a scalar head.
     init_from = cfg.sft_dir if cfg.init == "sft" else None
@@ -97,11 +100,8 @@ def summary(name: str, metrics: dict, seconds: float, out: str) -> str:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--kind", choices=sorted(KINDS), required=True)
-    args = parser.parse_args(argv)
-    params = Params.read(args.params)
-    run(args.kind, getattr(params.section("reward", RewardConfig), args.kind), params.shared())
+    params, kind = entry_args(__doc__, "--kind", argv, choices=sorted(KINDS))
+    run(kind, getattr(params.section("reward", RewardConfig), kind), params.shared())
 
 
 if __name__ == "__main__":
