@@ -58,14 +58,17 @@ def hub_id(source: str | Path) -> str | None:
     return None
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """A folder ``save_to_disk`` wrote (a DatasetDict's or one Dataset's)."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
 def is_hf_source(path: Path) -> bool:
     """A Hub id, a ``save_to_disk`` folder, or a parquet/JSON-lines file (a ``.json`` file is the
     original project's layout unless ``data.format: hf`` says otherwise)."""
-    if hub_id(path) is not None:
+    if hub_id(path) is not None or is_saved_dataset(path):
         return True
-    if path.is_dir():
-        return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-    return path.suffix.lower() in (".parquet", ".jsonl")
+    return not path.is_dir() and path.suffix.lower() in (".parquet", ".jsonl")
 
 
 def load_splits(source: str | Path, cfg: HFSourceConfig, cache_dir: Path) -> dict[str, object]:
@@ -80,7 +83,7 @@ def load_splits(source: str | Path, cfg: HFSourceConfig, cache_dir: Path) -> dic
         path = Path(source)
         if not path.exists():
             raise DataError(f"{path}: source not found")
-        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        if is_saved_dataset(path):
             loaded = datasets.load_from_disk(str(path))
         else:
             loaded = load_files(path, cache_dir)
