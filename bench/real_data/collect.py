@@ -1,6 +1,8 @@
 """Collect a finished real-data run (bench/real_data/run.sh) as data to commit: every
 ``metrics/*.json``, the leaderboard, the params used, dvc.lock, each training stage's wall time
-(``<live_dir>/timing.json``), the machine, and sample answers of SFT and of the policy the
+(``<live_dir>/timing.json``: the last invocation's) and, from monitor.sh's samples, each stage's
+wall time summed over every session the run spanned and its peak resident memory, the machine,
+and sample answers of SFT and of the policy the
 independent judge ranks best, side by side on the same test questions."""
 
 from __future__ import annotations
@@ -19,6 +21,19 @@ import yaml
 def stage_times(run: Path) -> dict[str, float]:
     return {str(p.parent.relative_to(run / "dvclive")): json.loads(p.read_text())["wall_seconds"]
             for p in sorted((run / "dvclive").rglob("timing.json"))}
+
+
+def stage_usage(mem: Path, every: float = 20.0) -> dict[str, dict[str, float]]:
+    """Per stage, from monitor.sh's lines "time, stage, VmRSS kB, VmHWM kB": the wall seconds its
+    samples span (gaps over two sampling intervals are the pauses between sessions, not counted)
+    and its peak resident memory in MB (the process's own high-water mark)."""
+    rows = pd.read_csv(mem, sep="\t", names=["t", "stage", "rss_kb", "hwm_kb"])
+    out = {}
+    for stage, group in rows.groupby("stage", sort=False):
+        gaps = group["t"].drop_duplicates().diff().dropna()
+        out[stage] = {"sampled_wall_s": float(gaps[gaps <= 2 * every].sum()),
+                      "peak_rss_mb": round(float(group["hwm_kb"].max()) / 1024, 1)}
+    return out
 
 
 def samples(run: Path, params: dict, judge: str, n: int) -> list[dict]:
@@ -41,6 +56,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--preset", required=True)
     ap.add_argument("--wall", type=float, required=True, help="seconds of the dvc exp run that finished the run")
+    ap.add_argument("--mem", type=Path, default=None, help="monitor.sh's samples (stage times and peak memory)")
     ap.add_argument("--judge", default="regression", help="the independent judge (a key of evaluate.reward_models)")
     args = ap.parse_args()
     params = yaml.safe_load((args.run / "params.yaml").read_text())
@@ -53,6 +69,10 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     run = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu, "machine": platform.machine(), "preset": args.preset,
            "last_invocation_wall_s": args.wall, "stage_wall_s": stage_times(args.run)}
+    mem = args.mem or args.run.parent / "cqa-real-run.mem.tsv"
+    if mem.exists():
+        run["stage_usage"] = stage_usage(mem)
+        run["peak_rss_mb"] = max(v["peak_rss_mb"] for v in run["stage_usage"].values())
     (args.out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
     (args.out / "samples.json").write_text(json.dumps(samples(args.run, params, args.judge, 8), indent=1) + "\n")
     print(f"collected into {args.out}")

@@ -19,9 +19,13 @@ cd "$WORK"
 [ -x .venv/bin/python ] || bash scripts/setup.sh
 source .venv/bin/activate
 echo "$(date -u +%FT%TZ) start in $WORK at $(git rev-parse --short HEAD), $PRESET"
+# Each stage's wall time over every session the run spans, and its peak memory (monitor.sh).
+MEM=${MEM:-$(dirname "$WORK")/cqa-real-run.mem.tsv}
+bash "$ROOT/bench/real_data/monitor.sh" "$MEM" & monitor=$!
+trap 'kill $monitor 2>/dev/null' EXIT
 start=$(date +%s)
 dvc exp run $(python -m cqa_rlhf.presets "$PRESET")
 end=$(date +%s)
 OUT="$ROOT/bench/real_data/$(date -u +%F)"
-python "$ROOT/bench/real_data/collect.py" --run "$WORK" --out "$OUT" --preset "$PRESET" --wall "$((end - start))"
+python "$ROOT/bench/real_data/collect.py" --run "$WORK" --out "$OUT" --preset "$PRESET" --wall "$((end - start))" --mem "$MEM"
 echo "$(date -u +%FT%TZ) done: $OUT"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Samples a running pipeline every ${EVERY:-20} s: for each stage process (`python -m
+# cqa_rlhf.stages.<name> [args]`), a line "<unix time>\t<stage>\t<VmRSS kB>\t<VmHWM kB>" appended to
+# the file given (default ../cqa-real-run.mem.tsv). VmHWM is the process's own peak resident set,
+# so a stage's peak is exact to its last sample; the samples also give each stage's wall time
+# summed over the sessions a resumed run spans (bench/real_data/collect.py reads them). Reads
+# /proc only: it costs nothing next to the run. Started and stopped by run.sh.
+set -uo pipefail
+OUT=${1:-$(cd "$(dirname "$0")/../../.." && pwd)/cqa-real-run.mem.tsv}
+EVERY=${EVERY:-20}
+while true; do
+  now=$(date +%s)
+  for status in /proc/[0-9]*/status; do
+    pid=${status#/proc/}; pid=${pid%/status}
+    args=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null) || continue
+    case "$args" in
+      *"-m cqa_rlhf.stages."*) ;;
+      *) continue ;;
+    esac
+    stage=${args#*-m cqa_rlhf.stages.}
+    stage=$(echo "$stage" | sed -E 's/ --(kind|policy|name) /@/; s/ +$//; s/ /_/g')
+    read -r rss hwm < <(awk '/^VmRSS/{r=$2} /^VmHWM/{h=$2} END{print r, h}' "$status" 2>/dev/null)
+    [ -n "${hwm:-}" ] && printf '%s\t%s\t%s\t%s\n' "$now" "$stage" "$rss" "$hwm" >> "$OUT"
+  done
+  sleep "$EVERY"
+done
