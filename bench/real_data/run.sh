@@ -9,7 +9,7 @@
 # finished are skipped (dvc.lock and DVC's run cache), the interrupted one resumes from its last
 # checkpoint (the stages resume byte-identically after a kill). At the end the run's metrics, the
 # params used, dvc.lock, the stage times and sample answers go to bench/real_data/<YYYY-MM-DD>/ of
-# this checkout, to commit as data.
+# this checkout, to commit as data, with report.md (bench/real_data/report.py), which the docs include.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${WORK:-$(dirname "$ROOT")/cqa-real-run}
@@ -28,4 +28,5 @@ dvc exp run $(python -m cqa_rlhf.presets "$PRESET")
 end=$(date +%s)
 OUT="$ROOT/bench/real_data/$(date -u +%F)"
 python "$ROOT/bench/real_data/collect.py" --run "$WORK" --out "$OUT" --preset "$PRESET" --wall "$((end - start))" --mem "$MEM"
+python "$ROOT/bench/real_data/report.py" "$OUT"
 echo "$(date -u +%FT%TZ) done: $OUT"
