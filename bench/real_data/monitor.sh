@@ -4,7 +4,9 @@
 # the file given (default ../cqa-real-run.mem.tsv). VmHWM is the process's own peak resident set,
 # so a stage's peak is exact to its last sample; the samples also give each stage's wall time
 # summed over the sessions a resumed run spans (bench/real_data/collect.py reads them). Reads
-# /proc only: it costs nothing next to the run. Started and stopped by run.sh.
+# /proc only: it costs nothing next to the run. A stopped process (SIGSTOP, state T: the run paused
+# for another measurement) is not sampled, so a pause does not count as the stage's time. Started
+# and stopped by run.sh.
 set -uo pipefail
 OUT=${1:-$(cd "$(dirname "$0")/../../.." && pwd)/cqa-real-run.mem.tsv}
 EVERY=${EVERY:-20}
@@ -19,7 +21,8 @@ while true; do
     esac
     stage=${args#*-m cqa_rlhf.stages.}
     stage=$(echo "$stage" | sed -E 's/ --(kind|policy|name) /@/; s/ +$//; s/ /_/g')
-    read -r rss hwm < <(awk '/^VmRSS/{r=$2} /^VmHWM/{h=$2} END{print r, h}' "$status" 2>/dev/null)
+    read -r state rss hwm < <(awk '/^State/{s=$2} /^VmRSS/{r=$2} /^VmHWM/{h=$2} END{print s, r, h}' "$status" 2>/dev/null)
+    [ "${state:-}" = T ] && continue
     [ -n "${hwm:-}" ] && printf '%s\t%s\t%s\t%s\n' "$now" "$stage" "$rss" "$hwm" >> "$OUT"
   done
   sleep "$EVERY"
