@@ -21,7 +21,7 @@ source .venv/bin/activate
 echo "$(date -u +%FT%TZ) start in $WORK at $(git rev-parse --short HEAD), $PRESET"
 # Each stage's wall time over every session the run spans, and its peak memory (monitor.sh).
 MEM=${MEM:-$(dirname "$WORK")/cqa-real-run.mem.tsv}
-bash "$ROOT/bench/real_data/monitor.sh" "$MEM" & monitor=$!
+bash "$ROOT/bench/real_data/monitor.sh" "$MEM" "$WORK" & monitor=$!
 trap 'kill $monitor 2>/dev/null' EXIT
 start=$(date +%s)
 dvc exp run $(python -m cqa_rlhf.presets "$PRESET")
