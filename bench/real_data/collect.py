@@ -1,5 +1,5 @@
 """Collect a finished real-data run (bench/real_data/run.sh) as data to commit: every
-``metrics/*.json``, the leaderboard, the params used, dvc.lock, each training stage's wall time
+``metrics/*.json``, the leaderboard, every stage's DVCLive curves, the params used, dvc.lock, each training stage's wall time
 (``<live_dir>/timing.json``: the last invocation's) and, from monitor.sh's samples, each stage's
 wall time summed over every session the run spanned and its peak resident memory, the machine,
 and sample answers of SFT and of the policy the
@@ -63,6 +63,11 @@ def main() -> None:
     (args.out / "metrics").mkdir(parents=True, exist_ok=True)
     for p in sorted((args.run / "metrics").glob("*")):
         shutil.copy2(p, args.out / "metrics" / p.name)
+    for p in sorted((args.run / "dvclive").rglob("*")):  # every stage's curves: small tables
+        if p.is_file() and (p.suffix == ".tsv" or p.name == "metrics.json"):
+            dest = args.out / p.relative_to(args.run)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, dest)
     for name in ("params.yaml", "dvc.lock"):
         shutil.copy2(args.run / name, args.out / name)
     shutil.copy2(args.run / args.preset, args.out / "preset.yaml")

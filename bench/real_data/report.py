@@ -39,6 +39,28 @@ def reward_table(metrics: Path, params: dict) -> list[str]:
     return rows
 
 
+CURVES = {"classification": ("accuracy",), "regression": ("sign_accuracy", "mae")}  # validation curves per kind
+
+
+def learning_curve(run_dir: Path, params: dict) -> list[str]:
+    """Each reward model's validation checks through its one epoch, against the share of its
+    training data seen by then: where more data would take it. The classification model's is its
+    pairwise accuracy on the validation pairs; the regression model's, the original project's
+    checks on the validation answers (sign of the predicted score, mean absolute error)."""
+    rows = ["| reward model | step | share of its steps | validation |", "|---|---|---|---|"]
+    for kind in sorted(params["reward"]):
+        val = run_dir / "dvclive" / "reward" / kind / "plots" / "metrics" / "val"
+        curves = {name: dict(line.split("\t")[:2] for line in (val / f"{name}.tsv").read_text().splitlines()[1:])
+                  for name in CURVES.get(kind, ()) if (val / f"{name}.tsv").exists()}
+        if not curves:
+            continue
+        steps = json.loads((run_dir / "metrics" / f"reward_{kind}.json").read_text())["steps"]
+        for step in sorted(next(iter(curves.values())), key=int):
+            shown = ", ".join(f"{name.replace('_', ' ')} {float(c[step]):.3f}" for name, c in curves.items() if step in c)
+            rows.append(f"| {kind} | {int(step) + 1} | {(int(step) + 1) / steps:.2f} | {shown} |")
+    return rows
+
+
 def judges_table(compare: dict) -> list[str]:
     rows = ["| judges | Pearson | Spearman | same verdict against SFT |", "|---|---|---|---|"]
     for pair, v in sorted(compare.get("judges", {}).items()):
@@ -98,7 +120,9 @@ def report(run_dir: Path, judge: str, n_samples: int) -> str:
     samples = json.loads((run_dir / "samples.json").read_text())
     parts = [f"Run of {run['date']} on {run['cpu']} ({run['preset']}); {compare['questions']} test questions.", "",
              "**Reward models against the held-out human votes** (test pairs; intervals are 95%):", "",
-             *reward_table(run_dir / "metrics", params), "", "**The judges' agreement** (every evaluated answer):", "",
+             *reward_table(run_dir / "metrics", params), "",
+             "**Learning curve** (every validation check; in one epoch, the share of steps is the share of the training data seen):", "",
+             *learning_curve(run_dir, params), "", "**The judges' agreement** (every evaluated answer):", "",
              *judges_table(compare), "", f"**Policies by the independent judge ({judge})**:", "",
              *policy_table(compare, judge), "", "**Leaderboard** (compare's, every judge):", "",
              (run_dir / "metrics" / "leaderboard.md").read_text().strip(), "",
