@@ -39,7 +39,9 @@ def _ran(proc: subprocess.CompletedProcess) -> set[str]:
 def _make_repo(r: Path) -> Path:
     """A git + DVC repo holding the project's pipeline, with a small synthetic site."""
     r.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", "models/pretrained/README.md"):
+    # .gitignore too: as in the project, checkpoints are not committed, so a clone retrains (a
+    # committed last.ckpt at the last step would let every training stage "resume" with nothing to do)
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "models/pretrained/README.md"):
         (r / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, r / name)
     shutil.copytree(ROOT / "src", r / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import stage_env
-from dvc_repo import ALL, _dvc, _ran, _run, ran_repo, repo  # noqa: F401 (ran_repo, repo: fixtures)
+from dvc_repo import EVAL, METHODS, REWARD, _dvc, _ran, _run, ran_repo, repo  # noqa: F401 (ran_repo, repo: fixtures)
 
 
 @pytest.mark.slow
@@ -62,9 +62,11 @@ def test_killed_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo):
 
 @pytest.mark.slow
 def test_queued_experiment_under_another_seed_runs_pinned(repo):
-    """`dvc exp run --queue -S seed=1`: one switch reseeds every training and sampling stage, and
-    the queued run (a celery worker in .dvc/tmp/exps) computes under the numeric pin even when its
-    environment asks for other code paths, as `dvc repro` does."""
+    """`dvc exp run --queue -S seed=1 sft`: the queued run (a celery worker in .dvc/tmp/exps)
+    computes under the numeric pin even when its environment asks for other code paths, as `dvc
+    repro` does, and the seed makes another model. The SFT stage is the target (the pin is set by
+    every stage's same start-up); that the seed invalidates every training and sampling stage is
+    checked by `dvc status` after applying it (and in test_pipeline.py)."""
     env = {**stage_env(), "PYTHONPATH": str(repo / "src"), "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AUTO",
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("CQA_NUMERICS", None)
@@ -72,18 +74,18 @@ def test_queued_experiment_under_another_seed_runs_pinned(repo):
     # the committed run of the fixture, made by plain `dvc repro`, was pinned too
     assert yaml.safe_load((repo / "models/sft/params.yaml").read_text())["numerics"] == pinned
     dvc = [sys.executable, "-m", "dvc"]
-    for args in (["exp", "run", "--queue", "-S", "seed=1", "--name", "seed1"], ["queue", "start", "-j", "1"],
+    for args in (["exp", "run", "--queue", "-S", "seed=1", "--name", "seed1", "sft"], ["queue", "start", "-j", "1"],
                  ["queue", "logs", "--follow", "seed1"]):
         proc = subprocess.run(dvc + args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{args}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    ran = _ran(proc)  # the queued run's log names the stages it ran
-    assert ran == ALL - {"synth", "data", "tokenizer"}, ran  # the data do not depend on the seed
+    assert _ran(proc) == {"sft"}  # the queued run's log names the stages it ran
     before = json.loads((repo / "metrics/sft.json").read_text())
     _dvc("exp", "apply", "seed1", cwd=repo)
     after = json.loads((repo / "metrics/sft.json").read_text())
     assert after["val_loss"] != before["val_loss"]  # another seed, another model
-    for model, section in (("models/sft", "sft"), ("models/ppo", "ppo"), ("models/reward/classification", "reward")):
-        exported = yaml.safe_load((repo / model / "params.yaml").read_text())
-        assert exported["numerics"] == pinned, model
-        seeds = [exported[section]["seed"]] if section != "reward" else [exported["reward"]["classification"]["seed"]]
-        assert seeds == [1], model
+    exported = yaml.safe_load((repo / "models/sft/params.yaml").read_text())
+    assert exported["numerics"] == pinned and exported["sft"]["seed"] == 1
+    # the data do not depend on the seed; every other stage that trains or samples does (compare
+    # may show too: it reads sft's wall time, which differs at 0.1 s only by chance)
+    stale = set(json.loads(_dvc("status", "--json", cwd=repo).stdout or "{}"))
+    assert stale - {"compare"} == {*REWARD, *METHODS, "base", *EVAL, "bon", "overopt"}, stale
