@@ -170,7 +170,7 @@ def test_sft_on_two_processes_matches_one(tmp_path, prepared):
     assert _files(tmp_path / "d1") == _files(tmp_path / "d2")  # rank 1 wrote nothing of its own
 
 
-@pytest.mark.slow  # two processes for half a minute: CI runs it (SFT and PPO keep DDP in the fast suite)
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 @pytest.mark.parametrize("kind", ["regression", "classification"])
 def test_reward_model_on_two_processes_matches_one(tmp_path, prepared, kind):
     # The same global batches need an epoch's short tail batch to hold >= 2 items (2 processes
@@ -246,7 +246,7 @@ def test_ppo_refuses_a_sharded_strategy(tmp_path, prepared, rlhf_inputs):
     assert not (tmp_path / "model").exists() and not (tmp_path / "metrics.json").exists()
 
 
-@pytest.mark.slow  # two processes for half a minute: CI runs it (SFT and PPO keep DDP in the fast suite)
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 def test_lora_sft_on_two_processes_matches_one(tmp_path, prepared):
     """LoRA adapters (and nothing else) train under DDP as in one process."""
     for devices, batch in ((1, 8), (2, 4)):
@@ -261,7 +261,7 @@ def test_lora_sft_on_two_processes_matches_one(tmp_path, prepared):
     assert _max_weight_diff(tmp_path / "d1/model/model.safetensors", tmp_path / "d2/model/model.safetensors") < 1e-5
 
 
-@pytest.mark.slow  # two processes for half a minute: CI runs it (SFT and PPO keep DDP in the fast suite)
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 def test_dpo_on_two_processes_matches_one(tmp_path, prepared, rlhf_inputs):
     """The same global batches of pairs; each rank computes the reference log-probs of its own
     shares, and the loss is the mean over the global batch's pairs."""
@@ -291,7 +291,7 @@ ONLINE = {  # method -> (its own params, given the prompts a process rolls out; 
 }
 
 
-@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 @pytest.mark.parametrize("method", sorted(ONLINE))
 def test_group_methods_on_two_processes_match_one(tmp_path, prepared, rlhf_inputs, method):
     """GRPO and online DPO: each answer is drawn from its own seed (iteration, question, index),
@@ -349,7 +349,7 @@ def _two_nodes(module: str, params: dict, work: Path) -> list:
     return outs
 
 
-@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 @pytest.mark.parametrize("stage", ["sft", "ppo"])
 def test_two_nodes_equal_two_processes_on_one_node_and_only_node_0_writes(tmp_path, prepared, rlhf_inputs, stage):
     runs = {}

@@ -112,7 +112,7 @@ def test_lora_dpo_exports_a_merged_model(tmp_path, prepared, rlhf_inputs):
     AutoModelForCausalLM.from_pretrained(tmp_path / "dpo")
 
 
-@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 def test_killed_dpo_resumes_and_matches_an_uninterrupted_run(tmp_path, prepared, rlhf_inputs):
     full, cut = tmp_path / "full", tmp_path / "cut"
     full.mkdir()

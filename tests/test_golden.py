@@ -67,7 +67,7 @@ def _assert_golden_and_pinned(repo, what: str) -> None:
     assert exported["numerics"] == {"mode": "pinned", "aten": "AVX2", "mkl_cbwr": "AVX2,STRICT"}
 
 
-@pytest.mark.slow
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 def test_tiny_graph_retrained_at_one_thread_on_the_generic_path_matches_too(ran_repo, tmp_path):  # noqa: F811
     """The whole graph trained again (`dvc repro --force` in a copy without its checkpoints, so no
     stage can resume from its finished run) with CQA_THREADS=1 on ATen's generic kernels."""

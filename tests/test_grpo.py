@@ -94,7 +94,7 @@ def test_grpo_variants_run(tmp_path, prepared, rlhf_inputs, variant):
     assert len(_curve(tmp_path, "reward")) == 2
 
 
-@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 def test_killed_grpo_resumes_and_matches_an_uninterrupted_run(tmp_path, prepared, rlhf_inputs):
     full, cut = tmp_path / "full", tmp_path / "cut"
     full.mkdir()

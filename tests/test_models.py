@@ -114,7 +114,7 @@ def run_graph(params: dict, work: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Every family through the real stages
 # --------------------------------------------------------------------------------------------
-@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 @pytest.mark.parametrize("family", list(CLASSES))
 def test_every_family_trains_through_the_graph_and_exports_auto_loadable_dirs(tmp_path, prepared, tok, family):
     model_dir = pretrained_dir(family, tok, tmp_path / "pretrained")
@@ -214,7 +214,7 @@ def test_ppo_reference_under_lora_is_the_sft_model_with_no_second_copy(tmp_path,
     assert sum(p.numel() for p in without.parameters()) > 0  # without LoRA: a loaded frozen copy
 
 
-@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 def test_lora_graph_exports_merged_models_that_load_without_peft(tmp_path, prepared, tok):
     """SFT, both reward models and PPO with adapters on block 1 only: every export is a plain
     directory (no adapter tensors), block 0 of the SFT export is the base model's exactly, and
@@ -294,7 +294,7 @@ def test_smollm2_preset_resolves_the_packaged_gguf_to_a_dependency_path():
         assert expected in flags
 
 
-@pytest.mark.slow
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 def test_real_smollm2_gguf_converts_exactly_then_trains_a_lora_chat_step(tmp_path, prepared):
     """The gguf stage on the packaged SmolLM2 (dequantised by transformers, ~20 s): logits of the
     converted folder equal the GGUF-loaded model's; then tokenizer -> one LoRA SFT step with the
@@ -339,7 +339,7 @@ def test_real_smollm2_gguf_converts_exactly_then_trains_a_lora_chat_step(tmp_pat
     assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-2000:]
 
 
-@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 def test_killed_lora_sft_resumes_and_matches_an_uninterrupted_run(tmp_path, prepared):
     from conftest import run_until_killed
 

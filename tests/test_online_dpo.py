@@ -67,7 +67,7 @@ def test_tiny_online_dpo_raises_the_reward_and_logs_trl_names(tmp_path, whole_an
     assert sum(float(r["kl"]) for r in last) > 0
 
 
-@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 def test_killed_online_dpo_resumes_and_matches_an_uninterrupted_run(tmp_path, prepared, rlhf_inputs):
     full, cut = tmp_path / "full", tmp_path / "cut"
     full.mkdir()

@@ -32,7 +32,7 @@ def test_real_dump_through_import_url(repo, real_site):
     assert any(d["path"] == "data/raw/dsmeta/Posts.xml" for d in lock["stages"]["data"]["deps"])
 
 
-@pytest.mark.slow
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 def test_gguf_stage_converts_once_with_the_file_as_its_dependency(repo):
     """A `gguf` entry adds stage gguf@<name>: the GGUF file (the packaged SmolLM2) is its DVC
     dependency, its folder lands under models/pretrained, a second repro converts nothing, and

@@ -15,7 +15,7 @@ from conftest import stage_env
 from dvc_repo import EVAL, METHODS, REWARD, _dvc, _ran, _run, ran_repo, repo  # noqa: F401 (ran_repo, repo: fixtures)
 
 
-@pytest.mark.slow
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 def test_killed_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo):
     """A crash in the middle of `dvc repro` (the whole process group SIGKILLed while `ppo` trains,
     after its first checkpoint), then `dvc repro` again: ppo resumes and the metrics downstream

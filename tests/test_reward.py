@@ -160,7 +160,7 @@ def test_a_reward_stage_from_the_sft_policy_logs_its_summary_line_only(tmp_path,
                                                                   line.startswith("reward@regression: ")], log
 
 
-@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 def test_killed_reward_stage_resumes_and_matches_an_uninterrupted_run(tmp_path, pairs_data):
     from conftest import run_until_killed
 

@@ -222,7 +222,7 @@ def test_same_params_twice_give_identical_metrics(tmp_path, prepared):
     assert (tmp_path / "a/sft/model.safetensors").read_bytes() == (tmp_path / "b/sft/model.safetensors").read_bytes()
 
 
-@pytest.mark.slow  # over 30 s: CI runs it (the fast suite stays under 10 minutes)
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path, prepared):
     full, cut = tmp_path / "full", tmp_path / "cut"
     full.mkdir()
