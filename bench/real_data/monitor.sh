@@ -16,7 +16,7 @@ while true; do
   now=$(date +%s)
   for status in /proc/[0-9]*/status; do
     pid=${status#/proc/}; pid=${pid%/status}
-    args=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null) || continue
+    args=$(tr '\0' ' ' 2>/dev/null < "/proc/$pid/cmdline") || continue
     case "$args" in
       *"-m cqa_rlhf.stages."*) ;;
       *) continue ;;
