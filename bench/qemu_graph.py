@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dvc_repo import _make_repo  # noqa: E402
-from golden import GOLDEN, first_difference, graph_hashes  # noqa: E402
+from golden import GOLDEN, cpu_info, first_difference, graph_hashes  # noqa: E402
 
 NATIVE = (("synth",), ("data",), ("tokenizer",))
 EMULATED = (("sft",), ("reward", "--kind", "regression"), ("reward", "--kind", "classification"), ("ppo",),
@@ -58,16 +58,9 @@ def one_cpu(cpu: str, threads: int, golden: dict[str, str]) -> dict:
             run(stage, repo, None, threads)
         secs = {" ".join(stage): round(run(stage, repo, cpu, threads)) for stage in EMULATED}
         diff = first_difference(graph_hashes(repo), golden)
-    return {"date": time.strftime("%Y-%m-%d"), "host_cpu": _cpu_model(), "qemu_cpu": cpu,
+    return {"date": time.strftime("%Y-%m-%d"), "host_cpu": cpu_info()["cpu"], "qemu_cpu": cpu,
             "threads": threads, "files": len(golden), "equal": diff is None, "first_difference": diff,
             "stage_seconds": secs}
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def main() -> None:
