@@ -11,9 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+# One thread per process unless the caller says otherwise: pytest-xdist runs a worker per core,
+# and each worker's stages at every core would oversubscribe them (two workers at two threads on
+# two cores took 244 s where one thread each took 175 s, on four test files). The bits do not
+# depend on it (test_golden retrains the graph at 1, every core and 4 threads); tests that need a
+# count set it themselves.
+os.environ.setdefault("CQA_THREADS", "1")
+
 # Before any test module imports torch: the package pins the CPU's numeric code paths on import
 # (cqa_rlhf/numerics.py), here as in every stage process.
-import cqa_rlhf  # noqa: F401
+import cqa_rlhf  # noqa: E402, F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SE = ROOT.parent / "shared" / "data" / "stackexchange"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,16 +21,16 @@ EVAL = {"evaluate@base", "evaluate@sft", "evaluate@ppo", "evaluate@dpo", "evalua
 ALL = {"synth", "data", "tokenizer", "sft", *REWARD, *METHODS, "base", *EVAL, "bon", "overopt", "compare"}
 
 
-def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**stage_env(), "PYTHONPATH": str(cwd / "src")}  # stages run the temp repo's code
+def _run(args: list[str], cwd: Path, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**stage_env(), "PYTHONPATH": str(cwd / "src"), **extra_env}  # stages run the temp repo's code
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def _dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-m", "dvc", *args], cwd, check)
+def _dvc(*args: str, cwd: Path, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "dvc", *args], cwd, check, **extra_env)
 
 
 def _ran(proc: subprocess.CompletedProcess) -> set[str]:
@@ -74,7 +75,9 @@ def _make_repo(r: Path) -> Path:
 def _build_ran_repo(r: Path) -> Path:
     """The tiny pipeline in ``r``, run with `dvc repro` (every stage) and committed."""
     _make_repo(r)
-    assert _ran(_dvc("repro", cwd=r)) == ALL
+    # At every core (the tests' own default is one thread, conftest.py): test_golden's reruns at
+    # 1 and 4 threads compare against this run.
+    assert _ran(_dvc("repro", cwd=r, CQA_THREADS=str(len(os.sched_getaffinity(0))))) == ALL
     metrics = json.loads((r / "metrics/data.json").read_text())
     assert metrics["input"]["questions"] == 300 and metrics["train"]["pairs"] > 0
     assert (r / "data/prepared/train/sft/part-00000.parquet").is_file()

@@ -26,20 +26,31 @@ def _declared_src_deps(stage: str) -> set[str]:
     return {d for d in spec["deps"] if d.startswith("src/")}
 
 
-@pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
-def test_stage_deps_are_exactly_the_modules_it_imports(stage):
+@pytest.fixture(scope="module")
+def imported() -> dict[str, set[str]]:
+    """Each stage module's imports from the package (files under src/), all found in one
+    interpreter: torch and the libraries load once, the package is dropped from ``sys.modules``
+    before each stage so that each stage imports it afresh (the same sets in any stage order)."""
     code = (
-        "import sys, importlib, pathlib; importlib.import_module(sys.argv[1]); "
-        "root = pathlib.Path(sys.argv[2]).resolve(); "
-        "print('\\n'.join(sorted(str(pathlib.Path(m.__file__).resolve().relative_to(root)) "
-        "for n, m in list(sys.modules.items()) if n.split('.')[0] == 'cqa_rlhf' and getattr(m, '__file__', None))))"
+        "import sys, importlib, json, pathlib; root = pathlib.Path(sys.argv[1]).resolve(); out = {}\n"
+        "for stage, module in zip(sys.argv[2::2], sys.argv[3::2]):\n"
+        "    for name in [n for n in sys.modules if n.split('.')[0] == 'cqa_rlhf']: del sys.modules[name]\n"
+        "    importlib.import_module(module)\n"
+        "    out[stage] = sorted(str(pathlib.Path(m.__file__).resolve().relative_to(root)) for n, m in "
+        "list(sys.modules.items()) if n.split('.')[0] == 'cqa_rlhf' and getattr(m, '__file__', None))\n"
+        "print(json.dumps(out))"
     )
-    out = subprocess.run([sys.executable, "-c", code, STAGE_MODULES[stage], str(ROOT)], capture_output=True,
-                         text=True, check=True, env={**stage_env(), "PYTHONPATH": str(ROOT / "src")}).stdout
-    imported = set(out.split())
+    args = [a for stage, module in sorted(STAGE_MODULES.items()) for a in (stage, module)]
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT), *args], capture_output=True, text=True, check=True,
+                         env={**stage_env(), "PYTHONPATH": str(ROOT / "src")}).stdout
+    return {stage: set(files) for stage, files in json.loads(out).items()}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
+def test_stage_deps_are_exactly_the_modules_it_imports(stage, imported):
     # numerics.py loads MKL's vendor shim, built from this C source, before torch: it sets the bits too.
-    assert "src/cqa_rlhf/numerics.py" in imported
-    assert imported | {"src/cqa_rlhf/_mkl_intel.c"} == _declared_src_deps(stage)
+    assert "src/cqa_rlhf/numerics.py" in imported[stage]
+    assert imported[stage] | {"src/cqa_rlhf/_mkl_intel.c"} == _declared_src_deps(stage)
 
 
 def _invalidated(repo) -> set[str]:
