@@ -32,18 +32,19 @@ def imported() -> dict[str, set[str]]:
     interpreter: torch and the libraries load once, the package is dropped from ``sys.modules``
     before each stage so that each stage imports it afresh (the same sets in any stage order)."""
     code = (
-        "import sys, importlib, json, pathlib; root = pathlib.Path(sys.argv[1]).resolve(); out = {}\n"
-        "for stage, module in zip(sys.argv[2::2], sys.argv[3::2]):\n"
+        "import sys, importlib, json, pathlib; root = pathlib.Path(sys.argv[1]).resolve(); out = []\n"
+        "for module in sys.argv[2:]:\n"
         "    for name in [n for n in sys.modules if n.split('.')[0] == 'cqa_rlhf']: del sys.modules[name]\n"
         "    importlib.import_module(module)\n"
-        "    out[stage] = sorted(str(pathlib.Path(m.__file__).resolve().relative_to(root)) for n, m in "
-        "list(sys.modules.items()) if n.split('.')[0] == 'cqa_rlhf' and getattr(m, '__file__', None))\n"
+        "    out.append([str(pathlib.Path(m.__file__).resolve().relative_to(root)) for n, m in "
+        "list(sys.modules.items()) if n.split('.')[0] == 'cqa_rlhf' and getattr(m, '__file__', None)])\n"
         "print(json.dumps(out))"
     )
-    args = [a for stage, module in sorted(STAGE_MODULES.items()) for a in (stage, module)]
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT), *args], capture_output=True, text=True, check=True,
+    stages = sorted(STAGE_MODULES)
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT), *(STAGE_MODULES[s] for s in stages)],
+                         capture_output=True, text=True, check=True,
                          env={**stage_env(), "PYTHONPATH": str(ROOT / "src")}).stdout
-    return {stage: set(files) for stage, files in json.loads(out).items()}
+    return {stage: set(files) for stage, files in zip(stages, json.loads(out), strict=True)}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
