@@ -2,7 +2,7 @@
 ``metrics/*.json``, the leaderboard, every stage's DVCLive curves, the params used, dvc.lock, each training stage's wall time
 (``<live_dir>/timing.json``: the last invocation's) and, from monitor.sh's samples, each stage's
 wall time summed over every session the run spanned and its peak resident memory, the machine,
-and sample answers of SFT and of the policy the
+what the two reward models read in the test pairs (``pairs.json``, pair_analysis.py), and sample answers of SFT and of the policy the
 independent judge ranks best, side by side on the same test questions."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from pair_analysis import analyse_run
 
 
 def stage_times(run: Path) -> dict[str, float]:
@@ -79,6 +80,7 @@ def main() -> None:
         run["stage_usage"] = stage_usage(mem)
         run["peak_rss_mb"] = max(v["peak_rss_mb"] for v in run["stage_usage"].values())
     (args.out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
+    (args.out / "pairs.json").write_text(json.dumps(analyse_run(args.run.resolve()), indent=1) + "\n")
     (args.out / "samples.json").write_text(json.dumps(samples(args.run, params, args.judge, 8), indent=1) + "\n")
     print(f"collected into {args.out}")
 

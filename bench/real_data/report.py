@@ -61,6 +61,21 @@ def learning_curve(run_dir: Path, params: dict) -> list[str]:
     return rows
 
 
+def length_table(pairs: dict) -> list[str]:
+    """pair_analysis.py's test-pair figures: what each reward model's verdicts have to do with length."""
+    test = pairs["test"]
+    pct = lambda r: f"{r['rate']:.3f} [{r['ci95']['low']:.3f}, {r['ci95']['high']:.3f}] (n {r['n']})"  # noqa: E731
+    rows = ["| reward model | accuracy, voters chose the longer | accuracy, voters chose the shorter | picks the longer | Spearman(score, length) |",
+            "|---|---|---|---|---|"]
+    for kind in ("classification", "regression"):
+        k = test[kind]
+        rows.append(f"| {kind} | {pct(k['accuracy_voters_chose_longer'])} | {pct(k['accuracy_voters_chose_shorter'])} | "
+                    f"{pct(k['picks_the_longer'])} | {k['spearman_score_length']:.3f} |")
+    return rows + ["", f"Voters chose the longer answer in {pct(test['voters_chose_longer'])} of the pairs; the two reward "
+                       f"models pick the same answer in {pct(test['same_pick'])}, their margins' Spearman "
+                       f"{test['margin_spearman']:.3f}."]
+
+
 def judges_table(compare: dict) -> list[str]:
     rows = ["| judges | Pearson | Spearman | same verdict against SFT |", "|---|---|---|---|"]
     for pair, v in sorted(compare.get("judges", {}).items()):
@@ -121,6 +136,8 @@ def report(run_dir: Path, judge: str, n_samples: int) -> str:
     parts = [f"Run of {run['date']} on {run['cpu']} ({run['preset']}); {compare['questions']} test questions.", "",
              "**Reward models against the held-out human votes** (test pairs; intervals are 95%):", "",
              *reward_table(run_dir / "metrics", params), "",
+             "**What they read** (`pairs.json`: the test pairs split by the answer the voters chose):", "",
+             *length_table(json.loads((run_dir / "pairs.json").read_text())), "",
              "**Learning curve** (every validation check; in one epoch, the share of steps is the share of the training data seen):", "",
              *learning_curve(run_dir, params), "", "**The judges' agreement** (every evaluated answer):", "",
              *judges_table(compare), "", f"**Policies by the independent judge ({judge})**:", "",
