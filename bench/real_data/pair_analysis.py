@@ -26,15 +26,18 @@ from cqa_rlhf.models import load_frozen
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.reward import score
 from cqa_rlhf.stages.common import Params
-from cqa_rlhf.stats import correlation, interval, ranks, wilson
+from cqa_rlhf.stats import correlation, interval, ranks, verdict_agreement, wilson
 from cqa_rlhf.tokenizer import load_tokenizer
 
 
+def proportion(successes: int, n: int) -> dict:
+    """``successes`` of ``n`` with its 95% Wilson interval."""
+    return {"n": n, "rate": round(successes / n, 4) if n else None,
+            "ci95": interval(wilson(float(successes), n)) if n else None}
+
+
 def rate(hits: list[bool]) -> dict:
-    """A proportion with its 95% Wilson interval."""
-    n = len(hits)
-    return {"n": n, "rate": round(sum(hits) / n, 4) if n else None,
-            "ci95": interval(wilson(float(sum(hits)), n)) if n else None}
+    return proportion(sum(hits), len(hits))
 
 
 def split_by_length(rows: list[dict], margins: list[float]) -> dict:
@@ -59,7 +62,7 @@ def analyse(rows: list[dict], scores: dict[str, tuple[list[float], list[float]]]
         out[kind] = split_by_length(rows, margins[kind])
         out[kind]["spearman_score_length"] = round(correlation(ranks(chosen + rejected), ranks(lengths)), 4)
     a, b = sorted(margins)
-    out["same_pick"] = rate([(x > 0) == (y > 0) for x, y in zip(margins[a], margins[b])])
+    out["same_pick"] = proportion(round(verdict_agreement(margins[a], margins[b]) * len(rows)), len(rows))
     out["margin_spearman"] = round(correlation(ranks(margins[a]), ranks(margins[b])), 4)
     return out
 
