@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from cqa_rlhf.config import DPOConfig, PromptConfig
 from cqa_rlhf.data.tables import read_table
-from cqa_rlhf.dpo import add_reference_logps, encode_preferences, implicit_reward_pairs
+from cqa_rlhf.dpo import add_reference_logps, encode_preferences, implicit_reward_pairs, restore_references, saved_references
 from cqa_rlhf.models import load_frozen
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.tokenizer import load_tokenizer
@@ -125,7 +125,7 @@ def test_killed_dpo_resumes_and_matches_an_uninterrupted_run(tmp_path, prepared,
     assert 6 <= torch.load(cut / "ckpt" / "last.ckpt", weights_only=True)["global_step"] < 24
     resumed = run_stage("dpo", params, cut)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr
+    assert "resuming from" in resumed.stderr and "reference log-probs of the pairs from" in resumed.stderr
     assert (cut / "dpo.json").read_bytes() == (full / "dpo.json").read_bytes()
     assert (cut / "dpo" / "model.safetensors").read_bytes() == (full / "dpo" / "model.safetensors").read_bytes()
     for curve in ("train/loss.tsv", "val/accuracy.tsv", "rewards/margins.tsv"):
@@ -142,3 +142,35 @@ def test_bad_dpo_params_are_one_line(tmp_path, prepared, rlhf_inputs):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nowhere'}: dpo.sft_dir is not an exported model directory (no config.json)"
     assert not (tmp_path / "dpo.json").exists() and not (tmp_path / "dpo").exists()
+
+
+def test_saved_reference_logps_come_back_only_for_the_same_items():
+    items = {"train": [{}, {"ref_chosen": -1.5, "ref_rejected": -2.25}, {"ref_chosen": -0.1, "ref_rejected": -3.0}],
+             "test": [{"ref_chosen": -7.0, "ref_rejected": -6.5}]}
+    wanted = {"train": [2, 1, 2], "test": range(1)}
+    saved = json.loads(json.dumps(saved_references(items, wanted)))  # through the cache file's JSON
+    assert saved == {"train": [[1, -1.5, -2.25], [2, -0.1, -3.0]], "test": [[0, -7.0, -6.5]]}
+    fresh = {"train": [{}, {}, {}], "test": [{}]}
+    assert not restore_references(saved, fresh, {"train": [1], "test": [0]}) and fresh["train"][1] == {}
+    assert restore_references(saved, fresh, wanted)
+    assert fresh["train"][2] == {"ref_chosen": -0.1, "ref_rejected": -3.0} and fresh["train"][0] == {}
+
+
+def test_dpo_killed_before_its_first_checkpoint_takes_its_reference_logps_from_the_cache(tmp_path, prepared, rlhf_inputs):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    full.mkdir()
+    cut.mkdir()
+    args = dict(max_steps=8, val_check_interval=8)
+    assert run_stage("dpo", _dpo_params(prepared, rlhf_inputs, full, **args), full).returncode == 0
+    params = _dpo_params(prepared, rlhf_inputs, cut, **args)
+    cache = cut / "ckpt" / "reference_logps.rank0.json"
+    run_until_killed("dpo", params, cut, ready=cache.exists, settle=0.0)
+    assert not (cut / "ckpt" / "last.ckpt").exists(), "the run checkpointed before it could be interrupted"
+    resumed = run_stage("dpo", params, cut)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"dpo: reference log-probs of the pairs from {cache}" in resumed.stderr
+    assert (cut / "dpo.json").read_bytes() == (full / "dpo.json").read_bytes()
+    assert (cut / "dpo" / "model.safetensors").read_bytes() == (full / "dpo" / "model.safetensors").read_bytes()
+    # Other params (another fingerprint): the cache is not taken, the pairs are scored again.
+    other = run_stage("dpo", _dpo_params(prepared, rlhf_inputs, cut, **args, beta=0.2), cut)
+    assert other.returncode == 0 and "reference log-probs of the pairs from" not in other.stderr

@@ -3,6 +3,9 @@
 Each pair's reference log-probs come from the frozen SFT policy, computed once before the fit
 (:func:`add_reference_logps`) for the pairs the fit will see, and carried in the batches: the
 reference never runs during training, so no second model sits in memory (under LoRA or not).
+They are saved beside the checkpoints (:func:`saved_references`), so that a restarted fit, whose
+pairs are the same, takes them back (:func:`restore_references`) instead of scoring every pair
+again: on real data that pass is most of an hour on 2 cores.
 Chosen and rejected answers go through the policy in one forward ([2B, T], chosen first). The
 maths lives in :mod:`cqa_rlhf.preference_math`; statistics are logged under TRL's names
 (``rewards/chosen``, ``rewards/margins``, ``logps/rejected``, ...).
@@ -51,6 +54,26 @@ def add_reference_logps(model: nn.Module, items: list[dict], indices: Sequence[i
             logps, _ = pair_logps(model, PairCollator(pad_id)(group))  # [2B], chosen first
             for item, chosen, rejected in zip(group, logps[: len(group)].tolist(), logps[len(group):].tolist()):
                 item["ref_chosen"], item["ref_rejected"] = chosen, rejected
+
+
+def saved_references(items: dict[str, list[dict]], wanted: dict[str, Sequence[int]]) -> dict[str, list[list]]:
+    """The reference log-probs that the ``wanted`` items of each split carry, as
+    ``[index, ref_chosen, ref_rejected]`` rows (JSON keeps the floats exactly)."""
+    return {split: [[i, items[split][i]["ref_chosen"], items[split][i]["ref_rejected"]] for i in sorted(set(indices))]
+            for split, indices in wanted.items()}
+
+
+def restore_references(saved: dict[str, list[list]], items: dict[str, list[dict]],
+                       wanted: dict[str, Sequence[int]]) -> bool:
+    """Put ``saved`` (:func:`saved_references`) back on the items. False, and nothing touched,
+    unless it holds exactly the ``wanted`` items of every split."""
+    if {split: [int(row[0]) for row in rows] for split, rows in saved.items()} != \
+            {split: sorted(set(indices)) for split, indices in wanted.items()}:
+        return False
+    for split, rows in saved.items():
+        for i, chosen, rejected in rows:
+            items[split][int(i)].update(ref_chosen=float(chosen), ref_rejected=float(rejected))
+    return True
 
 
 class DPOModule(ValAccumulator):

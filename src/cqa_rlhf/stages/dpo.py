@@ -4,7 +4,9 @@ inputs: the pairs tables, tokenizer, SFT policy)."""
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -14,8 +16,10 @@ from torch.utils.data import DataLoader
 from cqa_rlhf.batches import EvalBatchSampler, LengthGroupedBatchSampler, ListDataset, PairCollator, ResumableDataLoader, pair_lengths
 from cqa_rlhf.config import DPOConfig
 from cqa_rlhf.data.tables import read_table, training_rows
-from cqa_rlhf.dpo import DPOModule, add_reference_logps, encode_preferences, implicit_reward_pairs
+from cqa_rlhf.dpo import (DPOModule, add_reference_logps, encode_preferences, implicit_reward_pairs, restore_references,
+                          saved_references)
 from cqa_rlhf.errors import DataError, cli
+from cqa_rlhf.io import write_json_atomic
 from cqa_rlhf.models import build_model, disable_dropout, exported_dir, merge_lora, num_layers
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.reward import pair_metrics
@@ -59,20 +63,49 @@ def validated_indices(sampler: EvalBatchSampler, cfg: DPOConfig) -> list[int]:
     return [i for batch in list(sampler)[:n] for i in batch]
 
 
-def loaders(module: DPOModule, trainer: L.Trainer, pairs: dict, cfg: DPOConfig, pad_id: int
-            ) -> tuple[ResumableDataLoader, DataLoader]:
+REFERENCE_CACHE = "reference_logps.rank{rank}.json"
+
+
+def cached_references(ckpt_dir: str, fp: str) -> dict[str, dict]:
+    """The reference log-prob files in ``ckpt_dir`` written under fingerprint ``fp``, by name.
+    Read before :func:`prepare_run`, which clears a directory that holds no checkpoint yet, so
+    that a fit killed before its first checkpoint need not score its pairs again either."""
+    found = {}
+    for path in sorted(Path(ckpt_dir).glob(REFERENCE_CACHE.format(rank="*"))):
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("fingerprint") == fp:
+            found[path.name] = saved["splits"]
+    return found
+
+
+def add_references(model, items: dict[str, list[dict]], wanted: dict, cfg: DPOConfig, pad_id: int,
+                   cached: dict[str, dict], fp: str, rank: int) -> None:
+    """The reference log-probs of the ``wanted`` items of each split: from this rank's cache file
+    when it holds them (a restarted fit), computed otherwise; saved for the next start."""
+    name = REFERENCE_CACHE.format(rank=rank)
+    path = Path(cfg.checkpoint_dir) / name
+    if name in cached and restore_references(cached[name], items, wanted):
+        print(f"dpo: reference log-probs of the pairs from {path}", file=sys.stderr)
+    else:
+        for split, indices in wanted.items():
+            add_reference_logps(model, items[split], indices, cfg.score_batch_size, pad_id)
+    write_json_atomic(path, {"fingerprint": fp, "splits": saved_references(items, wanted)})
+
+
+def loaders(module: DPOModule, trainer: L.Trainer, pairs: dict, cfg: DPOConfig, pad_id: int,
+            cached: dict[str, dict], fp: str) -> tuple[ResumableDataLoader, DataLoader]:
     """This rank's training and validation loaders, their pairs (and the test pairs) carrying the
-    reference log-probs of the model as it is now (the SFT policy)."""
-    (_, train_items), (_, val_items), (_, test_items) = pairs["train"], pairs["val"], pairs["test"]
+    reference log-probs of the model as it is now (the SFT policy), or of the cache it saved."""
+    items = {split: pairs[split][1] for split in ("train", "val", "test")}
     rank, world = trainer.global_rank, trainer.world_size
-    sampler = LengthGroupedBatchSampler(pair_lengths(train_items), cfg.batch_size, cfg.seed, rank=rank, world_size=world)
-    val_sampler = EvalBatchSampler(len(val_items), cfg.eval_batch_size, pair_lengths(val_items), rank, world)
-    for items, indices in ((train_items, fitted_indices(sampler, cfg)), (val_items, validated_indices(val_sampler, cfg)),
-                           (test_items, range(len(test_items)))):
-        add_reference_logps(module.model, items, indices, cfg.score_batch_size, pad_id)
+    sampler = LengthGroupedBatchSampler(pair_lengths(items["train"]), cfg.batch_size, cfg.seed, rank=rank, world_size=world)
+    val_sampler = EvalBatchSampler(len(items["val"]), cfg.eval_batch_size, pair_lengths(items["val"]), rank, world)
+    wanted = {"train": fitted_indices(sampler, cfg), "val": validated_indices(val_sampler, cfg),
+              "test": range(len(items["test"]))}
+    add_references(module.model, items, wanted, cfg, pad_id, cached, fp, rank)
     collate = PairCollator(pad_id)
-    return (ResumableDataLoader(ListDataset(train_items), sampler, collate, module.completed_in_epoch),
-            DataLoader(ListDataset(val_items), batch_sampler=val_sampler, collate_fn=collate))
+    return (ResumableDataLoader(ListDataset(items["train"]), sampler, collate, module.completed_in_epoch),
+            DataLoader(ListDataset(items["val"]), batch_sampler=val_sampler, collate_fn=collate))
 
 
 def run(cfg: DPOConfig, shared: Shared) -> dict:
@@ -92,12 +125,13 @@ def run(cfg: DPOConfig, shared: Shared) -> dict:
 
     # 3. The trainer; the reference log-probs of the pairs this rank will see, from the model
     #    before the fit (= SFT: LoRA adapters start at zero; a resumed fit loads its weights only
-    #    inside trainer.fit); then the fit (resumes only with the same params, data and code).
+    #    inside trainer.fit, or the cache a restarted fit saved); then the fit (resumes only with
+    #    the same params, data and code).
     data = Path(cfg.data)
     fp = fingerprint(resolved, [data / s / "pairs" for s in ("train", "val")] + [shared.tokenizer.out, sft_dir])
-    module = DPOModule(model, cfg, fp)
+    module, cached = DPOModule(model, cfg, fp), cached_references(cfg.checkpoint_dir, fp)
     trainer, ckpt = prepare_run(shared.trainer_for(cfg.trainer), module, cfg.live_dir, cfg.checkpoint_dir, fp, "dpo")
-    train, val = loaders(module, trainer, pairs, cfg, tok.pad_token_id)
+    train, val = loaders(module, trainer, pairs, cfg, tok.pad_token_id, cached, fp)
     trainer.fit(module, train, val, ckpt_path=ckpt, weights_only=True)
 
     # 4. Best checkpoint -> a fresh model (LoRA merged); held-out pairs beside the length baseline.
