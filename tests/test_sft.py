@@ -110,7 +110,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tok, kind):
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = build_model(ModelConfig(config=TINY_MODEL, gradient_checkpointing=checkpointing), tok, kind).train()
-        assert model.is_gradient_checkpointing == checkpointing
+        assert model.is_activation_checkpointing == checkpointing
         if kind == "causal":
             loss = token_loss_sums(model, batch)[0]
         else:

@@ -75,7 +75,7 @@ def _checkpointing(m: PreTrainedModel, model: ModelConfig) -> PreTrainedModel:
     """Gradient checkpointing (active in training mode only; generation keeps its KV cache).
     Non-reentrant: works with frozen inputs and under DDP."""
     if model.gradient_checkpointing:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return m
 
 
