@@ -112,22 +112,30 @@ def test_lora_dpo_exports_a_merged_model(tmp_path, prepared, rlhf_inputs):
     AutoModelForCausalLM.from_pretrained(tmp_path / "dpo")
 
 
-@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
-def test_killed_dpo_resumes_and_matches_an_uninterrupted_run(tmp_path, prepared, rlhf_inputs):
+def _full_then_cut(tmp_path: Path, prepared: Path, rlhf_inputs: Path, **args) -> tuple[Path, Path, dict]:
+    """An uninterrupted DPO run in ``full``; ``cut``'s params (the same ``args``) to interrupt."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     full.mkdir()
     cut.mkdir()
-    args = dict(max_steps=24, val_check_interval=6)
     assert run_stage("dpo", _dpo_params(prepared, rlhf_inputs, full, **args), full).returncode == 0
-    params = _dpo_params(prepared, rlhf_inputs, cut, **args)
+    return full, cut, _dpo_params(prepared, rlhf_inputs, cut, **args)
+
+
+def _same_outputs(cut: Path, full: Path) -> None:
+    assert (cut / "dpo.json").read_bytes() == (full / "dpo.json").read_bytes()
+    assert (cut / "dpo" / "model.safetensors").read_bytes() == (full / "dpo" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.long  # outside CI (it would pass 20 minutes): python -m pytest -m long
+def test_killed_dpo_resumes_and_matches_an_uninterrupted_run(tmp_path, prepared, rlhf_inputs):
+    full, cut, params = _full_then_cut(tmp_path, prepared, rlhf_inputs, max_steps=24, val_check_interval=6)
     run_until_killed("dpo", params, cut, ready=(cut / "ckpt" / "last.ckpt").exists)
     assert not (cut / "dpo.json").exists(), "the run finished before it could be interrupted"
     assert 6 <= torch.load(cut / "ckpt" / "last.ckpt", weights_only=True)["global_step"] < 24
     resumed = run_stage("dpo", params, cut)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and "reference log-probs of the pairs from" in resumed.stderr
-    assert (cut / "dpo.json").read_bytes() == (full / "dpo.json").read_bytes()
-    assert (cut / "dpo" / "model.safetensors").read_bytes() == (full / "dpo" / "model.safetensors").read_bytes()
+    _same_outputs(cut, full)
     for curve in ("train/loss.tsv", "val/accuracy.tsv", "rewards/margins.tsv"):
         path = Path("live/plots/metrics") / curve
         assert (cut / path).read_text() == (full / path).read_text(), curve  # no gap, no repeats
@@ -157,20 +165,15 @@ def test_saved_reference_logps_come_back_only_for_the_same_items():
 
 
 def test_dpo_killed_before_its_first_checkpoint_takes_its_reference_logps_from_the_cache(tmp_path, prepared, rlhf_inputs):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    full.mkdir()
-    cut.mkdir()
     args = dict(max_steps=8, val_check_interval=8)
-    assert run_stage("dpo", _dpo_params(prepared, rlhf_inputs, full, **args), full).returncode == 0
-    params = _dpo_params(prepared, rlhf_inputs, cut, **args)
+    full, cut, params = _full_then_cut(tmp_path, prepared, rlhf_inputs, **args)
     cache = cut / "ckpt" / "reference_logps.rank0.json"
     run_until_killed("dpo", params, cut, ready=cache.exists, settle=0.0)
     assert not (cut / "ckpt" / "last.ckpt").exists(), "the run checkpointed before it could be interrupted"
     resumed = run_stage("dpo", params, cut)
     assert resumed.returncode == 0, resumed.stderr
     assert f"dpo: reference log-probs of the pairs from {cache}" in resumed.stderr
-    assert (cut / "dpo.json").read_bytes() == (full / "dpo.json").read_bytes()
-    assert (cut / "dpo" / "model.safetensors").read_bytes() == (full / "dpo" / "model.safetensors").read_bytes()
+    _same_outputs(cut, full)
     # Other params (another fingerprint): the cache is not taken, the pairs are scored again.
     other = run_stage("dpo", _dpo_params(prepared, rlhf_inputs, cut, **args, beta=0.2), cut)
     assert other.returncode == 0 and "reference log-probs of the pairs from" not in other.stderr
