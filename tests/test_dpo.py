@@ -17,6 +17,7 @@ from cqa_rlhf.data.tables import read_table
 from cqa_rlhf.dpo import add_reference_logps, encode_preferences, implicit_reward_pairs, restore_references, saved_references
 from cqa_rlhf.models import load_frozen
 from cqa_rlhf.prompts import PromptFormatter
+from cqa_rlhf.stages.dpo import cached_references
 from cqa_rlhf.tokenizer import load_tokenizer
 
 from conftest import run_stage, run_until_killed
@@ -164,6 +165,27 @@ def test_saved_reference_logps_come_back_only_for_the_same_items():
     assert fresh["train"][2] == {"ref_chosen": -0.1, "ref_rejected": -3.0} and fresh["train"][0] == {}
 
 
+@pytest.mark.parametrize("saved", [{"train": [[1, -1.5]], "test": [[0, -7.0, -6.5]]},
+                                   {"train": [[1, -1.5, "x"], [2, -0.1, -3.0]], "test": [[0, -7.0, -6.5]]},
+                                   {"train": [[1.0, -1.5, -2.25], [2, -0.1, -3.0]], "test": [[0, -7.0, -6.5]]},
+                                   {"train": "[[1, -1.5, -2.25]]", "test": []}, [[1, -1.5, -2.25]]])
+def test_malformed_saved_reference_logps_are_refused_and_touch_nothing(saved):
+    fresh = {"train": [{}, {}, {}], "test": [{}]}
+    assert not restore_references(saved, fresh, {"train": [1, 2], "test": range(1)})
+    assert fresh == {"train": [{}, {}, {}], "test": [{}]}
+
+
+@pytest.mark.parametrize("text", ['{"fingerprint": "fp", "splits": {"train": [[0, -1', "\xff\xfe not text",
+                                  '[1, 2, 3]', '{"fingerprint": "fp"}'])
+def test_a_damaged_reference_cache_file_is_ignored_with_a_note(tmp_path, capsys, text):
+    (tmp_path / "reference_logps.rank0.json").write_bytes(text.encode("latin-1"))
+    (tmp_path / "reference_logps.rank1.json").write_text(json.dumps({"fingerprint": "fp", "splits": {"test": []}}))
+    assert cached_references(str(tmp_path), "fp") == {"reference_logps.rank1.json": {"test": []}}
+    note = capsys.readouterr().err.strip()
+    assert len(note.splitlines()) == 1
+    assert note.startswith(f"dpo: ignoring {tmp_path / 'reference_logps.rank0.json'}: not a reference log-prob cache (")
+
+
 def test_dpo_killed_before_its_first_checkpoint_takes_its_reference_logps_from_the_cache(tmp_path, prepared, rlhf_inputs):
     args = dict(max_steps=8, val_check_interval=8)
     full, cut, params = _full_then_cut(tmp_path, prepared, rlhf_inputs, **args)
@@ -177,3 +199,11 @@ def test_dpo_killed_before_its_first_checkpoint_takes_its_reference_logps_from_t
     # Other params (another fingerprint): the cache is not taken, the pairs are scored again.
     other = run_stage("dpo", _dpo_params(prepared, rlhf_inputs, cut, **args, beta=0.2), cut)
     assert other.returncode == 0 and "reference log-probs of the pairs from" not in other.stderr
+    # A damaged cache file: a one-line note, the pairs scored again, the uninterrupted run's bytes.
+    damaged = tmp_path / "damaged"
+    (damaged / "ckpt").mkdir(parents=True)
+    (damaged / "ckpt" / cache.name).write_text('{"fingerprint": ')
+    again = run_stage("dpo", _dpo_params(prepared, rlhf_inputs, damaged, **args), damaged)
+    assert again.returncode == 0, again.stderr
+    assert f"dpo: ignoring {damaged / 'ckpt' / cache.name}: not a reference log-prob cache (JSONDecodeError)" in again.stderr
+    _same_outputs(damaged, full)

@@ -67,13 +67,21 @@ def restore_references(saved: dict[str, list[list]], items: dict[str, list[dict]
                        wanted: dict[str, Sequence[int]]) -> bool:
     """Put ``saved`` (:func:`saved_references`) back on the items. False, and nothing touched,
     unless it holds exactly the ``wanted`` items of every split."""
-    if {split: [int(row[0]) for row in rows] for split, rows in saved.items()} != \
+    if not _well_formed(saved) or {split: [row[0] for row in rows] for split, rows in saved.items()} != \
             {split: sorted(set(indices)) for split, indices in wanted.items()}:
         return False
     for split, rows in saved.items():
         for i, chosen, rejected in rows:
             items[split][int(i)].update(ref_chosen=float(chosen), ref_rejected=float(rejected))
     return True
+
+
+def _well_formed(saved: object) -> bool:
+    """Whether ``saved`` has :func:`saved_references`' shape: split -> ``[int, float, float]`` rows."""
+    def row_ok(row: object) -> bool:
+        return (isinstance(row, list) and len(row) == 3 and type(row[0]) is int
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in row[1:]))
+    return isinstance(saved, dict) and all(isinstance(rows, list) and all(map(row_ok, rows)) for rows in saved.values())
 
 
 class DPOModule(ValAccumulator):

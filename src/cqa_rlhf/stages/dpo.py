@@ -72,9 +72,12 @@ def cached_references(ckpt_dir: str, fp: str) -> dict[str, dict]:
     that a fit killed before its first checkpoint need not score its pairs again either."""
     found = {}
     for path in sorted(Path(ckpt_dir).glob(REFERENCE_CACHE.format(rank="*"))):
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved.get("fingerprint") == fp:
-            found[path.name] = saved["splits"]
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("fingerprint") == fp:
+                found[path.name] = saved["splits"]
+        except (ValueError, AttributeError, KeyError) as e:  # a damaged cache is recomputed, not trusted
+            print(f"dpo: ignoring {path}: not a reference log-prob cache ({type(e).__name__})", file=sys.stderr)
     return found
 
 
