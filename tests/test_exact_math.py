@@ -83,6 +83,15 @@ def test_log_hand_values_and_accuracy():
         exact_math.log(torch.tensor([1.0]))
 
 
+def test_log_leaves_its_input_alone_and_gives_each_value_whatever_its_neighbours():
+    x = torch.from_numpy(np.random.default_rng(3).uniform(1e-300, 1e300, 1000))
+    before = x.clone()
+    whole = exact_math.log(x)
+    assert torch.equal(x, before)  # the in-place steps work on temporaries only
+    assert torch.equal(torch.cat([exact_math.log(x[i:i + 7]) for i in range(0, 1000, 7)]), whole)
+    assert torch.equal(exact_math.log(x.view(10, 100)), whole.view(10, 100))
+
+
 def test_fixed_order_sum_hand_values_and_padding():
     assert exact_math.fixed_order_sum(torch.arange(1, 11, dtype=torch.float64)).item() == 55.0
     n = exact_math.ROW * 3 + 5  # not a whole number of rows: the zero padding adds nothing

@@ -5,6 +5,7 @@ model family, while rows end at different steps."""
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Sequence
 
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 
 from cqa_rlhf.batches import pad_rows
 from cqa_rlhf.config import ModelConfig, PromptConfig, SampleConfig
-from cqa_rlhf.generation import decode, generate, row_seed, step_noise
+from cqa_rlhf.generation import NOISE_CHUNK, decode, generate, gumbel_noise, row_seed, step_noise
 from cqa_rlhf.models import build_model
 from cqa_rlhf.prompts import PromptFormatter
 from cqa_rlhf.tokenizer import load_tokenizer
@@ -102,3 +103,24 @@ def test_answers_equal_generate_for_every_family(family, per_answer_seeds, prepa
     ours = decode(model, ids, mask, sample, end, seeds)
     assert ours == reference(model, prompts, seeds, sample, eos=end, pad=tok.pad_token_id, torch_seed=1)
     assert len({len(r) for r in ours}) >= 3  # rows ended at different steps
+
+
+def test_gumbel_noise_keeps_its_recorded_draws():
+    # Recorded before the rows were batched and the logarithm went in place: the same bits.
+    assert gumbel_noise(4, 7).tolist() == [-0.243088036775589, -0.2590863108634949, 1.9078967571258545,
+                                           0.8662023544311523]
+    for vocab, digest in ((864, "2158a215d8956f6090362c87ce95df0581d8ceac68a07f5e12815bb3ba2f7c6a"),
+                          (30000, "ca0adba9bd8308890867ae82d5ab13595457be0944830e691581b97dfff01090")):
+        noise = step_noise(list(range(11, 18)), 5, vocab)
+        assert hashlib.sha256(noise.numpy().tobytes()).hexdigest() == digest, vocab
+
+
+@pytest.mark.parametrize("vocab", [864, NOISE_CHUNK // 3, NOISE_CHUNK + 1])  # 75, 3 and 1 rows a pass
+def test_step_noise_rows_are_their_own_streams_however_they_are_grouped(vocab):
+    seeds = [3, 1 << 40, 99, 7, 2 ** 62, 5, 11]
+    noise = step_noise(seeds, 4, vocab)
+    assert noise.shape == (7, vocab) and noise.dtype == torch.float32
+    for i, s in enumerate(seeds):
+        assert torch.equal(noise[i], gumbel_noise(vocab, (s + 4 * 0x9E3779B97F4A7C15) % 2 ** 63)), i
+    assert torch.equal(step_noise(seeds[2:5], 4, vocab), noise[2:5])
+

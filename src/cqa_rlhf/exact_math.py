@@ -66,16 +66,18 @@ def log(x: torch.Tensor) -> torch.Tensor:
     summed as ``2 s (1 + s^2/3 + s^4/5 + ...)`` by Horner's rule; ``log x = log m + e ln 2``."""
     if x.dtype != torch.float64:
         raise TypeError(f"exact_math.log needs a float64 tensor, got {x.dtype}")
+    # In place on the temporaries (the same roundings, op for op): a sampler calls this on every
+    # vocabulary entry of every row at every step, and fresh tensors for each op cost more there.
     m, e = torch.frexp(x)                          # m in [0.5, 1)
     low = m < SQRT_HALF
     m = torch.where(low, m * 2, m)                 # exact
     e = (e - low.to(e.dtype)).to(torch.float64)
-    s = (m - 1) / (m + 1)
+    s = (m - 1).div_(m.add_(1))                    # (m - 1) / (m + 1)
     s2 = s * s
     series = torch.full_like(s, 1.0 / (2 * LOG_TERMS - 1))
     for k in range(LOG_TERMS - 2, -1, -1):
-        series = series * s2 + 1.0 / (2 * k + 1)
-    return (2 * s * series + e * LN2_LO) + e * LN2_HI
+        series.mul_(s2).add_(1.0 / (2 * k + 1))    # series * s2 + 1 / (2k + 1)
+    return s.mul_(2).mul_(series).add_(e * LN2_LO).add_(e.mul_(LN2_HI))  # (2 s series + e lo) + e hi
 
 
 def _numpy_sqrt(a):
