@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ import time
 
 import cqa_rlhf  # noqa: F401  first: it pins the numeric code paths before torch loads (CQA_NUMERICS)
 import torch
+from machine import cpu_model
 
 VARIANTS = {"full": None, "lora-all": [], "lora-last4": [-4, -3, -2, -1]}
 NEO_125M = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072,
@@ -77,8 +77,7 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.steps, args.device)))
         return
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     print(f"# {time.strftime('%Y-%m-%d')} {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"numerics {cqa_rlhf.numerics.state()['mode']}")
     for name in VARIANTS:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model
 from seed_study import timed_run  # the same stage timing as the seed study (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,8 +87,7 @@ def main() -> None:
             mode: bench_lines(["bench/bench_sft.py", "--steps", "40", "--skip-big"], ROOT, mode) for mode in MODES}
         ppo = {} if args.skip_steps else {
             mode: bench_lines(["bench/bench_ppo.py", "--iterations", "4", "--skip-big"], ROOT, mode) for mode in MODES}
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     print(f"\n{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores\n")
     print(table(stages))
     OUT.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu": cpu, "cores": os.cpu_count(),

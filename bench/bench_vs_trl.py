@@ -56,6 +56,7 @@ from pathlib import Path
 import cqa_rlhf  # noqa: F401  first: it pins the numeric code paths before torch loads
 import torch
 import yaml
+from machine import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 D256 = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024}
@@ -733,13 +734,6 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
     print(json.dumps(machine))
     print(table(rows))
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":
